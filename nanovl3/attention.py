@@ -1,0 +1,116 @@
+"""
+One attention function for the whole model, written by hand so torch.compile can fuse it.
+
+    attention(q, k, v, mask) -> out        q [B,H,Tq,D]   k, v [B,KV,S,D]   out [B,H,Tq,D]
+
+`mask` says who may attend to whom; `None` means full bidirectional attention (the ViT). For the LLM a `Mask`
+carries the three rules that every case reduces to:
+  causal    key slot j is visible from query i only if j <= q_slot[i]   (q_slot = where query i sits in the KV buffer)
+  documents key j is visible only if doc_kv[j] == doc_q[i]             (packed samples, left padding: pad = -1)
+  length    slots never written are never visible (they are in the future of every query, so causality covers them)
+
+Two paths compute the same numbers:
+  flex   torch.nn.attention.flex_attention with a block mask built from the rules; torch.compile fuses it into
+         one kernel that skips fully-masked blocks (packed sequences cost what their documents cost).
+  eager  scaled_dot_product_attention with the same rules as a dense boolean mask (or is_causal when possible).
+`use_flex` picks one (see there for why). Tests check both agree to 1e-5.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+# torch.compile(flex_attention) compiles lazily, once per shape. Static shapes on purpose: with dynamic=True,
+# torch 2.13's CPU flex kernel fails to build (an Inductor C++ codegen error, cur_kvSplitSize undeclared).
+# Training packs to a fixed length and a prompt is prefilled once, so few shapes occur.
+_flex_compiled = torch.compile(flex_attention, dynamic=False)
+
+# On CPU, compiling flex costs ~16 s the first time and a few s per new shape family, so it only pays off when the
+# user asked for compilation (sample.py --compile, train.py --compile). Set by `enable_cpu_flex`.
+_CPU_FLEX = False
+
+
+def enable_cpu_flex(on: bool = True):
+    global _CPU_FLEX
+    _CPU_FLEX = on
+
+
+def use_flex(q: torch.Tensor) -> bool:
+    """Choose the path, in one place.
+
+    - a single query row (decode): the eager path; flex has nothing to fuse and a block mask per step costs more.
+    - CUDA: flex (compiled), forward and backward.
+    - CPU: torch 2.13 has no flex_attention backward on CPU (NotImplementedError), so training takes the eager
+      path; inference takes compiled flex (~5x SDPA with a dense mask) only when compilation was asked for.
+    """
+    if q.size(-2) == 1:
+        return False
+    if q.is_cuda:
+        return True
+    needs_grad = torch.is_grad_enabled() and q.requires_grad
+    return _CPU_FLEX and not needs_grad
+
+
+@dataclass
+class Mask:
+    """Causal attention over a KV buffer of S slots, optionally split into documents.
+
+    q_slot  LongTensor [B,Tq]  slot of each query in the KV buffer (0..Tq-1 for a plain forward, offset in decode)
+    doc_q   LongTensor [B,Tq] or None   document id of each query (None: one document)
+    doc_kv  LongTensor [B,S]  or None   document id of each key slot
+    """
+    q_slot: torch.Tensor
+    doc_q: torch.Tensor | None = None
+    doc_kv: torch.Tensor | None = None
+
+    def dense(self, S: int) -> torch.Tensor:
+        """bool [B,1,Tq,S]: True where attention is allowed."""
+        kv = torch.arange(S, device=self.q_slot.device)
+        allowed = kv[None, None, :] <= self.q_slot[:, :, None]  # [B,Tq,S]
+        if self.doc_q is not None:
+            allowed = allowed & (self.doc_q[:, :, None] == self.doc_kv[:, None, :])
+        return allowed[:, None]  # [B,1,Tq,S]: broadcast over heads
+
+    def is_plain_causal(self, S: int) -> bool:
+        """True when the mask is the ordinary lower triangle (query i at slot i, no documents)."""
+        return self.doc_q is None and self.q_slot.size(1) == S and self.q_slot[0, 0].item() == 0
+
+    def block_mask(self, Tq: int, S: int):
+        q_slot, doc_q, doc_kv = self.q_slot, self.doc_q, self.doc_kv
+
+        def mask_mod(b, h, qi, kj):
+            ok = kj <= q_slot[b, qi]
+            if doc_q is not None:
+                ok = ok & (doc_q[b, qi] == doc_kv[b, kj])
+            return ok
+
+        return create_block_mask(mask_mod, q_slot.size(0), None, Tq, S, device=q_slot.device)
+
+
+def causal_mask(B: int, T: int, device, doc_ids: torch.Tensor | None = None) -> Mask:
+    """The mask of a plain (or packed, when doc_ids [B,T] is given) causal forward with no cache."""
+    q_slot = torch.arange(T, device=device).expand(B, T)
+    return Mask(q_slot, doc_ids, doc_ids)
+
+
+def attention(q, k, v, mask: Mask | None, flex: bool | None = None, compiled: bool = True) -> torch.Tensor:
+    """q [B,H,Tq,D], k/v [B,KV,S,D] with H % KV == 0 (grouped-query attention); softmax(q k^T / sqrt(D)) v.
+
+    `flex` forces a path (tests); None lets `use_flex` decide. `compiled=False` runs flex unfused (tests only).
+    """
+    B, H, Tq, D = q.shape
+    S = k.size(2)
+    gqa = k.size(1) != H
+    if flex is None:
+        flex = use_flex(q)
+    if flex:
+        block_mask = None if mask is None else mask.block_mask(Tq, S)
+        fn = _flex_compiled if compiled else flex_attention
+        return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if mask.is_plain_causal(S):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(S), enable_gqa=gqa)

@@ -1,0 +1,114 @@
+"""
+Small shared pieces: the user-facing error type, device/dtype choice, rank-0 printing, atomic writes.
+
+Nothing here knows about the model; every other module may import it.
+"""
+
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+
+import torch
+
+# -----------------------------------------------------------------------------
+# errors
+
+
+class UserError(Exception):
+    """Bad input from a user (a file, a flag, a line of data).
+
+    Scripts catch it and print `error: <message>` as one line on stderr, then exit non-zero:
+    a user's mistake never produces a traceback. The message must name the file, line, key or flag.
+    """
+
+
+def die(msg: str, code: int = 2):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextmanager
+def user_errors():
+    """`with user_errors(): main()` turns UserError (and Ctrl-C) into one clean line on stderr."""
+    try:
+        yield
+    except UserError as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        die("interrupted", 130)
+
+
+# -----------------------------------------------------------------------------
+# device / dtype
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """'cpu' | 'cuda' | 'cuda:1' | None (= cuda when present, else cpu)."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device '{name}' (use cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device: '{name}' asked for, but CUDA is not available on this machine")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """None/'auto' = bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow on most laptops)."""
+    if name in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"--dtype: unknown dtype '{name}' (use one of {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+# -----------------------------------------------------------------------------
+# printing and files
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (torchrun sets RANK)."""
+    if rank() == 0:
+        print(*args, **kwargs)
+
+
+def eprint(*args, **kwargs):
+    """diagnostics go to stderr so stdout can stay clean (sample.py prints only the answer there)."""
+    print(*args, file=sys.stderr, **kwargs)
+
+
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block finishes.
+
+    A crash or Ctrl-C mid-write leaves the old file (or nothing) in place, never half a file.
+    Works for files and for directories.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    tmp_target = os.path.join(tmp, "x")
+    try:
+        yield tmp_target
+        if os.path.isdir(path) and os.path.isdir(tmp_target):
+            # directories cannot be replaced by rename in one step: move the old one aside first
+            old = os.path.join(tmp, "old")
+            os.rename(path, old)
+            os.rename(tmp_target, path)
+        else:
+            os.replace(tmp_target, path)
+    finally:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,115 @@
+"""
+Generation: prefill once into a preallocated KV cache, then decode one token at a time.
+
+    generate(model, prompts, pixel_values, ...) -> list of new-token lists, one per row
+
+- a batch of prompts of different lengths is left-padded; padding is its own "document" (id -1) that real
+  tokens never attend to, and positions count only real tokens (as transformers does with an attention mask).
+- num_samples > 1 (Best-of-N): the prompt is prefilled ONCE and its cache rows copied N times.
+- sampling: greedy (temperature 0), temperature, top-k, top-p; each row r has its own generator seeded with
+  seed + r, so a row samples the same tokens alone or in a batch.
+- the decode step has fixed shapes (one token, a fixed-size cache), so torch.compile captures it once
+  (on CUDA with mode="reduce-overhead": CUDA graphs).
+Shapes: B prompts, R = B * num_samples rows, L padded prompt length, S = L + max_new_tokens cache slots, V vocab.
+"""
+
+from typing import Callable
+
+import torch
+
+from nanovl3.attention import Mask
+from nanovl3.common import UserError
+from nanovl3.text import KVCache
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generators) -> torch.Tensor:
+    """logits fp32 [R,V] -> next token ids [R]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # [R, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already cover top_p of the mass (the first always stays)
+        drop = probs.cumsum(-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
+
+
+def left_pad(prompts: list[list[int]], device):
+    """-> ids [B,L], positions [B,L] (real tokens 0..n-1, padding 1), doc [B,L] (0 real, -1 padding)."""
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    doc = torch.full((len(prompts), L), -1, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        doc[i, L - len(p):] = 0
+    real = doc == 0
+    positions = (real.cumsum(-1) - 1).masked_fill(~real, 1)
+    return ids.to(device), positions.to(device), doc.to(device)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None = None, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=(),
+             num_samples: int = 1, stream: Callable[[list[int]], None] | None = None, compile: bool = False
+             ) -> list[list[int]]:
+    """Sample up to max_new_tokens after each prompt; returns the new tokens of each row, cut before a stop token.
+
+    pixel_values [N,3,S,S] holds the tiles of every image of every prompt, in prompt order.
+    Rows are ordered prompt-major: row r = prompt r // num_samples, sample r % num_samples.
+    stream(tokens) is called after every step with the token just sampled for each row.
+    """
+    device = next(model.parameters()).device
+    ids, positions, doc = left_pad(prompts, device)
+    B, L = ids.shape
+    S = L + max_new_tokens
+    limit = model.cfg.text.max_position_embeddings
+    if S > limit:
+        raise UserError(f"prompt too long: {L} prompt tokens + {max_new_tokens} new tokens = {S} > the model's "
+                        f"context of {limit} tokens (shorten the prompt, use fewer tiles, or lower --max-new-tokens)")
+
+    # ---- prefill: the whole prompt in one forward, keys/values written to slots 0..L-1
+    x = model.embed(ids, pixel_values)  # [B, L, C]
+    cache = KVCache(model.cfg.text, B, S, device, x.dtype)
+    cache.doc[:, :L] = doc
+    padded = bool((doc < 0).any())
+    mask = Mask(torch.arange(L, device=device).expand(B, L), doc if padded else None, doc if padded else None)
+    h = model.language_model(x, positions, mask, cache, torch.arange(L, device=device), prefill=True)
+    logits = model.language_model.lm_head(h[:, -1]).float()  # [B, V]
+
+    # ---- Best-of-N: copy each prompt's cache row num_samples times instead of prefilling it again
+    if num_samples > 1:
+        cache.repeat_rows(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        positions = positions.repeat_interleave(num_samples, dim=0)
+    R = logits.size(0)
+    generators = [torch.Generator(device=device).manual_seed(seed + r) for r in range(R)]
+    step = torch.compile(model.step, mode="reduce-overhead" if device.type == "cuda" else None) if compile else model.step
+
+    # ---- decode
+    pos = positions[:, -1:].float()  # [R, 1] last real position of each row
+    doc_q = torch.zeros(R, 1, dtype=torch.long, device=device)
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    out, done = [], torch.zeros(R, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generators)  # [R]
+        out.append(nxt)
+        if stream is not None:
+            stream(nxt.tolist())
+        done |= torch.isin(nxt, stop)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        slot = L + t
+        cache.doc[:, slot] = 0
+        pos = pos + 1
+        x = model.language_model.model.embed_tokens(nxt[:, None])  # [R, 1, C]
+        mask = Mask(torch.full((R, 1), slot, device=device), doc_q, cache.doc)
+        logits = step(x, pos, mask, cache, torch.tensor([slot], device=device))
+    tokens = torch.stack(out, dim=1).tolist()  # [R, t]
+    stop_set = set(stop_ids)
+    return [row[:next((i for i, tok in enumerate(row) if tok in stop_set), len(row))] for row in tokens]

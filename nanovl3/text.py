@@ -1,0 +1,175 @@
+"""
+Qwen2 / Qwen2.5 decoder: the language model of InternVL3-1B/2B/8B/14B/38B/78B. SPEC §1.6.
+
+RMSNorm, rotary position embedding (RoPE) evaluated at *float* positions, grouped-query attention with qkv bias,
+SwiGLU MLP. Float positions are what make V2PE a change of position ids only (InternVL3 §2.1, arXiv 2504.10479):
+visual tokens may advance the position by δ < 1, text tokens by 1; with δ = 1 this is ordinary RoPE.
+
+Names equal the released checkpoint's (`language_model.model.layers.{i}.self_attn.q_proj`, ...).
+Shapes: B batch, T tokens, C hidden size, H query heads, KV key/value heads, D head dim, S KV-buffer slots.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanovl3.attention import Mask, attention
+from nanovl3.config import TextConfig
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32, result cast back before the weight (as Qwen2 does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
+    """positions float [B,T] -> cos, sin [B,T,D] ("rotate-half" layout: the D/2 frequencies repeated twice).
+
+    angle = position * theta^(-2k/D): positions may be fractional (V2PE), nothing else changes.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, T, D/2], fp32
+    emb = torch.cat([angles, angles], dim=-1)  # [B, T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [B,H,T,D]; cos/sin [B,T,D] broadcast over heads."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+# -----------------------------------------------------------------------------
+# static KV cache
+
+
+class KVCache:
+    """Preallocated key/value buffers for every layer, plus the document id of every slot.
+
+    k[i], v[i]  [B, KV, S, D]   doc  LongTensor [B, S] (-1 = padding; attention stays within one document)
+    Writing is an index_copy into fixed buffers, so shapes never change while decoding (torch.compile friendly).
+    """
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.doc = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def repeat_rows(self, n: int):
+        """Each row becomes n consecutive rows: prefill a prompt once, then sample n answers (Best-of-N)."""
+        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+        self.doc = self.doc.repeat_interleave(n, dim=0)
+
+
+# -----------------------------------------------------------------------------
+# attention, MLP, block
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+
+    def forward(self, x, cos, sin, mask: Mask, cache: KVCache | None, layer: int, slots, prefill: bool):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # write this step's keys/values into their slots; a decode step then attends over the whole buffer,
+            # while prefill (slots 0..T-1) already holds every key it may see
+            cache.k[layer].index_copy_(2, slots, k)
+            cache.v[layer].index_copy_(2, slots, v)
+            if not prefill:
+                k, v = cache.k[layer], cache.v[layer]  # [B, KV, S, D]
+        y = attention(q, k, v, mask)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer, slots, prefill):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, slots, prefill)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# the decoder
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen2(nn.Module):
+    """`language_model` of InternVL: `.model` (embeddings, blocks, final norm) and `.lm_head`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, x, positions, mask: Mask, cache: KVCache | None = None, slots=None, prefill: bool = False):
+        """x: input embeddings [B,T,C]; positions float/long [B,T]; returns final hidden states [B,T,C].
+
+        With a cache, `slots` LongTensor [T] says which buffer slots these T tokens occupy; `prefill` means they are
+        slots 0..T-1, so attention needs only this forward's own keys.
+        """
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i, slots, prefill)
+        return self.model.norm(x)

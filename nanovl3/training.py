@@ -1,0 +1,200 @@
+"""
+The pieces every training script shares (train.py for pre-training and SFT, mpo.py for preference training):
+torchrun/DDP setup, parameter groups (freeze, per-group learning rates), warmup + cosine schedule, atomic resumable
+checkpoints, the dense log line + JSONL metrics, MFU, and held-out evaluation.
+
+Nothing here owns a training loop: each script reads top to bottom as args -> init -> data -> model -> loop.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanovl3.common import UserError, atomic_path, print0
+
+# -----------------------------------------------------------------------------
+# distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
+
+
+def dist_init(device_name: str | None = None):
+    """-> (ddp, rank, world_size, device). gloo on CPU, nccl on CUDA; a plain run is rank 0 of 1."""
+    from nanovl3.common import pick_device
+    if "RANK" not in os.environ:
+        return False, 0, 1, pick_device(device_name)
+    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True, rank, world, device
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+# -----------------------------------------------------------------------------
+# parameters and optimizer
+
+GROUPS = {"vit": "vision_model.", "mlp": "mlp1.", "llm": "language_model."}
+
+
+def param_groups(model, freeze: set[str], lrs: dict[str, float], weight_decay: float) -> list[dict]:
+    """AdamW groups per module (vit / mlp / llm), each with its own lr; decay only on matrices.
+
+    Frozen groups get requires_grad=False and no optimizer state.
+    """
+    bad = set(freeze) - set(GROUPS)
+    if bad:
+        raise UserError(f"--freeze: unknown part(s) {sorted(bad)} (use a comma list of {', '.join(GROUPS)})")
+    groups, seen = [], set()
+    for name, prefix in GROUPS.items():
+        decay, no_decay = [], []
+        for pname, p in model.named_parameters():
+            if not pname.startswith(prefix) or id(p) in seen:
+                continue
+            seen.add(id(p))  # tied embeddings appear twice
+            p.requires_grad_(name not in freeze)
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if params:
+                groups.append({"params": params, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": wd,
+                               "name": name})
+    if not groups:
+        raise UserError("--freeze: every part is frozen; nothing to train")
+    return groups
+
+
+def make_optimizer(groups, device, betas=(0.9, 0.95)):
+    return torch.optim.AdamW(groups, betas=betas, eps=1e-8, fused=device.type == "cuda")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 0 (the official recipe: cosine, warmup_ratio 0.03)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, factor: float):
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: a directory sample.py loads directly + the training state
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, model, tokenizer, train_state: dict):
+    """Write `path/` atomically: config.json + model.safetensors (original layout) + tokenizer.json + train_state.pt.
+
+    Written into a temporary directory and renamed into place, so a crash or Ctrl-C mid-write leaves the previous
+    checkpoint intact and loadable.
+    """
+    with atomic_path(path) as tmp:
+        model.save_pretrained(tmp, layout="original", tokenizer=tokenizer)
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+
+
+def load_train_state(path: str) -> dict:
+    f = os.path.join(path, "train_state.pt")
+    if not os.path.isfile(f):
+        raise UserError(f"--resume: {path} has no train_state.pt (not a training checkpoint)")
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+
+def flops_per_token(cfg) -> float:
+    """Training FLOPs per LLM token, 6 * LLM parameters + attention (nanoGPT's estimate); the ViT is counted per tile."""
+    t = cfg.text
+    per_layer = 2 * t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim \
+        + 3 * t.hidden_size * t.intermediate_size
+    return 6 * (t.num_hidden_layers * per_layer + t.hidden_size * t.vocab_size)
+
+
+def flops_per_tile(cfg) -> float:
+    v = cfg.vision
+    P = (v.image_size // v.patch_size) ** 2 + 1
+    per_layer = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size
+    return 6 * P * v.num_hidden_layers * (per_layer + 2 * P * v.hidden_size)
+
+
+def measure_peak_flops(device, dtype=torch.float32, n=1024, reps=10) -> float:
+    """Matmul FLOP/s of this machine, measured (for an honest MFU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.time()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.time() - t)
+
+
+class Logger:
+    """One dense line per interval on rank 0, and every record appended to metrics.jsonl."""
+
+    def __init__(self, out_dir: str, rank: int):
+        self.rank = rank
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+
+    def log(self, record: dict, line: str | None = None):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if line:
+            print0(line)
+
+
+# -----------------------------------------------------------------------------
+# evaluation on held-out questions with exact answers
+
+ANSWER_RE = re.compile(r"The answer is\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def normalise(answer: str) -> str:
+    return answer.strip().lower().rstrip(".").strip()
+
+
+def extract_answer(text: str) -> str:
+    """Final answer of a response: the last 'The answer is X.' line if there is one, else the whole text."""
+    found = ANSWER_RE.findall(text)
+    return normalise(found[-1] if found else text)

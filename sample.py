@@ -1,0 +1,123 @@
+"""
+Ask an InternVL3 checkpoint about images (or plain text). Only the answer goes to stdout, streamed as it is
+generated; everything else (prompt, timing, scores) goes to stderr.
+
+    python sample.py --ckpt InternVL3-1B --image photo.jpg --prompt "Describe the image."
+    python sample.py --ckpt InternVL3-1B-hf --image a.png --image b.png --prompt "What differs?" --show-prompt
+    python sample.py --ckpt out/toy --prompt "What is 2 + 3?" --temperature 0.7 --top-p 0.9 --seed 1
+
+Reads either checkpoint layout (original OpenGVLab or transformers -hf), one file or shards, from a local directory.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from PIL import Image
+
+from nanovl3 import attention
+from nanovl3.chat import Tokenizer, render_prompt
+from nanovl3.common import UserError, eprint, user_errors
+from nanovl3.generate import generate
+from nanovl3.image import find_grid, load_image
+from nanovl3.model import InternVL
+
+# -----------------------------------------------------------------------------
+# arguments
+
+parser = argparse.ArgumentParser(description="Sample from an InternVL3 checkpoint.")
+parser.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+parser.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+parser.add_argument("--prompt", required=True, help="the question; <image> tags place images (else they go first)")
+# sampling
+parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+parser.add_argument("--max-new-tokens", type=int, default=512, help="most tokens to generate")
+parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+# images
+parser.add_argument("--max-tiles", type=int, default=-1,
+                    help="most 448-px tiles per image, thumbnail excluded (-1 = the checkpoint's max_dynamic_patch)")
+# runtime
+parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the decode step and flex attention")
+parser.add_argument("--show-prompt", action="store_true", help="print the rendered prompt and token counts to stderr")
+args = parser.parse_args()
+
+
+class StreamPrinter:
+    """Print row 0's text as it grows. BPE tokens can split a UTF-8 character, so hold back a trailing partial one."""
+
+    def __init__(self, tok: Tokenizer, stop_ids):
+        self.tok, self.stop, self.ids, self.printed, self.done = tok, set(stop_ids), [], "", False
+        self.t_first, self.n = None, 0  # first token's arrival ends prefill; n counts every sampled token
+
+    def __call__(self, tokens):
+        self.n += 1
+        if self.t_first is None:
+            self.t_first = time.time()
+        if self.done or tokens[0] in self.stop:
+            self.done = True
+            return
+        self.ids.append(tokens[0])
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def main():
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    t0 = time.time()
+    model = InternVL.from_pretrained(args.ckpt, dtype=args.dtype, device=args.device)
+    tok = Tokenizer.from_dir(args.ckpt)
+    cfg = model.cfg
+    device, dtype = model.language_model.lm_head.weight.device, model.language_model.lm_head.weight.dtype
+    n_params = sum(p.numel() for p in model.parameters())
+    eprint(f"loaded {args.ckpt}: {n_params / 1e6:.1f}M parameters, {dtype}, {device} ({time.time() - t0:.1f}s)")
+
+    # ---- images -> tiles
+    max_tiles = cfg.max_dynamic_patch if args.max_tiles < 0 else args.max_tiles
+    tiles, num_tiles = [], []
+    for path in args.image:
+        t = load_image(path, max_num=max_tiles, image_size=cfg.vision.image_size, use_thumbnail=cfg.use_thumbnail)
+        tiles.append(t)
+        num_tiles.append(t.size(0))
+    pixel_values = torch.cat(tiles).to(device=device, dtype=dtype) if tiles else None
+
+    # ---- prompt
+    prompt = render_prompt(args.prompt, num_tiles, tokens_per_tile=cfg.num_image_token)
+    ids = tok.encode(prompt)
+    if args.show_prompt:
+        eprint(render_prompt(args.prompt, num_tiles, tokens_per_tile=cfg.num_image_token, expand=False))
+        for k, (path, n) in enumerate(zip(args.image, num_tiles)):
+            w, h = Image.open(path).size
+            cols, rows = find_grid(w, h, 1, max_tiles, cfg.vision.image_size)
+            thumb = " + thumbnail" if n > cols * rows else ""
+            eprint(f"image {k + 1}: {os.path.basename(path)} {w}x{h} -> {cols}x{rows} tiles{thumb} = {n} tiles, "
+                   f"{n * cfg.num_image_token} image tokens")
+        eprint(f"prompt: {len(ids)} tokens")
+
+    # ---- generate, streaming row 0 to stdout
+    if args.compile:
+        attention.enable_cpu_flex(True)
+    printer = StreamPrinter(tok, tok.stop_ids)
+    t1 = time.time()
+    generate(model, [ids], pixel_values, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=tok.stop_ids, stream=printer,
+                   compile=args.compile)
+    t2 = time.time()
+    sys.stdout.write("\n")
+    n_decode = printer.n - 1  # the first token came from prefill
+    eprint(f"[prefill {len(ids)} tokens: {printer.t_first - t1:.2f}s | decode {n_decode} tokens: "
+           f"{n_decode / max(t2 - printer.t_first, 1e-9):.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main()

@@ -1,0 +1,117 @@
+"""
+Generation: KV-cache decoding equals recomputing the whole sequence; batched rows equal rows sampled alone.
+
+    python -m pytest -q tests/test_generate.py
+"""
+
+import copy
+
+import pytest
+import torch
+
+from nanovl3.common import UserError
+from nanovl3.config import preset
+from nanovl3.generate import generate
+from nanovl3.model import InternVL, v2pe_position_ids
+
+IMG = 1000
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = preset("toy")
+    cfg.image_token_id = IMG
+    m = InternVL(cfg).eval()
+    m.init_weights(std=0.3)  # large enough that sampling is not near-uniform and greedy does not stall
+    return m
+
+
+def prompt_with_image(model, n_tiles, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = model.cfg.num_image_token * n_tiles
+    ids = torch.randint(10, 900, (9 + n,), generator=g)
+    ids[3:3 + n] = IMG
+    size = model.cfg.vision.image_size
+    return ids.tolist(), torch.randn(n_tiles, 3, size, size, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kv_cache_equals_recompute(model, dtype):
+    """fp64 isolates the cache logic from rounding (bound 1e-9); fp32 must agree to 1e-4 and in every token."""
+    model = copy.deepcopy(model).to(dtype)
+    ids, pix = prompt_with_image(model, 2, seed=0)
+    pix = pix.to(dtype)
+    step_logits = []
+    hook = model.language_model.lm_head.register_forward_hook(lambda m, i, o: step_logits.append(o.detach()))
+    try:
+        new = generate(model, [ids], pix, max_new_tokens=16, temperature=0.0)[0]
+    finally:
+        hook.remove()
+    assert len(new) == 16
+    full = torch.tensor([ids + new])
+    with torch.no_grad():
+        recomputed = model(full, pix)[0]  # [T, V]
+    # step k's logits predict new[k]: prefill gives the first, each decode step the next
+    for k, logits in enumerate(step_logits):
+        want = recomputed[len(ids) - 1 + k]
+        assert (logits.reshape(-1) - want).abs().max().item() <= (1e-9 if dtype == torch.float64 else 1e-4)
+        assert int(want.argmax()) == new[k]
+
+
+def test_batch_rows_equal_rows_alone(model):
+    """Prompts of different lengths (left padding), each with its own image; greedy and sampled."""
+    (a, pa), (b, pb) = prompt_with_image(model, 1, seed=1), prompt_with_image(model, 2, seed=2)
+    b = b[:-4]  # different lengths
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, top_k=50, top_p=0.9, seed=7)):
+        batch = generate(model, [a, b], torch.cat([pa, pb]), max_new_tokens=12, **kw)
+        seed = kw.get("seed", 0)
+        alone_a = generate(model, [a], pa, max_new_tokens=12, **{**kw, "seed": seed})
+        alone_b = generate(model, [b], pb, max_new_tokens=12, **{**kw, "seed": seed + 1})
+        assert batch == alone_a + alone_b
+
+
+def test_best_of_n_rows_equal_rows_alone(model):
+    ids, pix = prompt_with_image(model, 1, seed=3)
+    rows = generate(model, [ids], pix, max_new_tokens=10, temperature=1.0, seed=11, num_samples=4)
+    assert len(rows) == 4 and len({tuple(r) for r in rows}) > 1  # different samples
+    for r in range(4):
+        assert rows[r] == generate(model, [ids], pix, max_new_tokens=10, temperature=1.0, seed=11 + r)[0]
+
+
+def test_stop_tokens_and_streaming(model):
+    ids, pix = prompt_with_image(model, 1, seed=4)
+    free = generate(model, [ids], pix, max_new_tokens=12)[0]
+    streamed = []
+    stopped = generate(model, [ids], pix, max_new_tokens=12, stop_ids=[free[5]], stream=streamed.append)[0]
+    first = free.index(free[5])
+    assert stopped == free[:first]  # cut before the stop token
+    assert [s[0] for s in streamed] == free[:first + 1]  # streaming saw every sampled token, stop included
+
+
+def test_prompt_too_long(model):
+    ids = list(range(10, 20)) * 400
+    with pytest.raises(UserError, match="prompt too long: 4000 prompt tokens"):
+        generate(model, [ids], None, max_new_tokens=200)
+
+
+def test_image_token_count_mismatch(model):
+    ids, pix = prompt_with_image(model, 2, seed=5)
+    with pytest.raises(UserError, match=r"32 <IMG_CONTEXT> tokens but the tiles give 16 features"):
+        model(torch.tensor([ids]), pix[:1])
+
+
+def test_v2pe_delta_one_is_plain_positions(model):
+    ids, pix = prompt_with_image(model, 2, seed=6)
+    t = torch.tensor(ids)
+    pos = v2pe_position_ids(t, IMG, [1.0])
+    assert torch.equal(pos, torch.arange(len(ids), dtype=torch.float32))
+    with torch.no_grad():
+        assert torch.equal(model(t[None], pix, position_ids=pos[None]), model(t[None], pix))
+    # δ = 1/4: visual positions advance by 1/4, the next text token resumes at ceil(last) + 1
+    n = 2 * model.cfg.num_image_token
+    quarter = v2pe_position_ids(t, IMG, [0.25])
+    assert quarter[3:3 + n].tolist() == [2 + 0.25 * (k + 1) for k in range(n)]
+    assert quarter[3 + n].item() == 2 + n // 4 + 1
+    with torch.no_grad():
+        assert (model(t[None], pix, position_ids=quarter[None]) - model(t[None], pix)).abs().max() > 1e-3

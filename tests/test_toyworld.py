@@ -1,0 +1,243 @@
+"""
+Tests for data/toyworld.py: determinism, official data formats, strict chain-of-thought answers, held-out eval, speed.
+
+    python -m pytest -q tests/test_toyworld.py
+"""
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data import toyworld as tw  # noqa: E402
+
+SMALL = tw.SIZES["small"]
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "world"
+    t0 = time.time()
+    info = tw.generate(str(out), seed=0, **SMALL)
+    info["elapsed"] = time.time() - t0
+    return info
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): tw.file_digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def resolve(meta_path: Path, path: str) -> Path:
+    """The documented rule: relative root / annotation paths are relative to the meta.json's directory."""
+    p = Path(path)
+    return p if p.is_absolute() else (meta_path.parent / p).resolve()
+
+
+def entries(meta_path: Path):
+    meta = json.loads(meta_path.read_text())
+    for name, e in meta.items():
+        assert {"root", "annotation", "repeat_time"} <= set(e), name
+        yield name, e, resolve(meta_path, e["root"]), read_jsonl(resolve(meta_path, e["annotation"]))
+
+
+def images_of(row) -> list:
+    img = row.get("image", [])
+    return [img] if isinstance(img, str) else img
+
+
+# -----------------------------------------------------------------------------
+# generation: speed, determinism, idempotence, safety
+
+
+def test_small_is_fast(world):
+    assert world["elapsed"] < 10, world["elapsed"]
+
+
+def test_same_seed_same_bytes(world, tmp_path):
+    again = tw.generate(str(tmp_path / "again"), seed=0, **SMALL)
+    a, b = tree_digest(Path(world["root"])), tree_digest(Path(again["root"]))
+    assert a == b
+    assert any(k.endswith(".png") for k in a) and "tokenizer.json" in a
+    other = tree_digest(Path(tw.generate(str(tmp_path / "other"), seed=1, **SMALL)["root"]))
+    assert other["sft/vqa.jsonl"] != a["sft/vqa.jsonl"]
+    assert other["eval/eval.jsonl"] != a["eval/eval.jsonl"]
+
+
+def test_idempotent_and_atomic(world):
+    root = Path(world["root"])
+    mtime = (root / "DONE").stat().st_mtime_ns
+    t0 = time.time()
+    info = tw.generate(str(root), seed=0, **SMALL)
+    assert time.time() - t0 < 0.5 and (root / "DONE").stat().st_mtime_ns == mtime
+    assert info["counts"] == world["counts"]
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_refuses_foreign_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        tw.generate(str(tmp_path / "mine"), **SMALL)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_same_bytes_in_another_process(world, tmp_path):
+    # a fresh interpreter has another str-hash seed: catches set / hash ordering leaking into the files
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, str(ROOT / "data" / "toyworld.py"), "--out", str(out), "--size", "small"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["counts"]["eval"] == SMALL["n_eval"] * len(tw.EVAL_TYPES)
+    assert tree_digest(out) == tree_digest(Path(world["root"]))
+
+
+# -----------------------------------------------------------------------------
+# formats
+
+
+def check_turns(row):
+    conv, n_img = row["conversations"], len(images_of(row))
+    assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2) and conv
+    tags = [t["value"].count("<image>") for t in conv]
+    assert sum(tags) == n_img and tags[0] == n_img  # all tags in the first human turn
+    if n_img > 1:
+        assert conv[0]["value"].startswith("".join(f"Image-{i + 1}: <image>\n" for i in range(n_img)))
+    assert len(row["qa"]) == len(conv) // 2
+    for human, gpt, qa in zip(conv[0::2], conv[1::2], row["qa"]):
+        assert qa["cot"] == human["value"].endswith(tw.COT_SUFFIX)
+        if qa["cot"]:
+            steps = gpt["value"].split("\n\n")
+            assert len(steps) >= 2 and all(s.strip() == s and s for s in steps)
+            assert steps[-1] == f"The answer is {qa['answer']}."
+            assert tw.extract_answer(gpt["value"]) == qa["answer"]
+        else:
+            assert tw.extract_answer(gpt["value"]) is None
+            assert tw.normalize_answer(gpt["value"]) == qa["answer"]
+        assert tw.parse_answer(gpt["value"]) == qa["answer"]
+
+
+def test_sft_format(world):
+    seen = set()
+    for name, e, root, rows in entries(Path(world["sft_meta"])):
+        assert rows and e["length"] == len(rows)
+        assert [r["id"] for r in rows] == list(range(len(rows)))
+        for row in rows:
+            check_turns(row)
+            for p in images_of(row):
+                assert (root / p).is_file(), p
+            seen.add((name, len(images_of(row)), len(row["conversations"]) // 2 > 1))
+    assert ("toy_text", 0, False) in seen and ("toy_cot", 2, False) in seen  # text-only, multi-image
+    assert any(multi_turn for _, n, multi_turn in seen if n == 1)
+    text = read_jsonl(Path(world["root"]) / "sft/text.jsonl")
+    assert all("image" not in r and "<image>" not in json.dumps(r) for r in text)
+
+
+def test_pretrain_format(world):
+    kinds = {}
+    for name, e, root, rows in entries(Path(world["pretrain_meta"])):
+        kinds[e["kind"]] = rows
+        assert rows and e["length"] == len(rows)
+        for row in rows:
+            assert isinstance(row["text"], str) and row["text"]
+            assert row["text"].count("<image>") == len(images_of(row))
+            for p in images_of(row):
+                assert (root / p).is_file(), p
+    assert set(kinds) == {"interleaved", "text"}
+    assert all(len(r["image"]) >= 2 for r in kinds["interleaved"])
+    assert all("image" not in r for r in kinds["text"])
+
+
+def test_eval(world):
+    eval_file = Path(world["eval_file"])
+    items = read_jsonl(eval_file)
+    types = json.loads(Path(world["eval_types"]).read_text())
+    assert set(types) == {"color", "shape", "count", "count_color", "position", "arith"}
+    chance = {"color": 1 / 6, "shape": 1 / 4, "count": 1 / 5, "count_color": 1 / 4, "position": 1 / 2, "arith": 1 / 7}
+    for t, info in types.items():
+        assert info["chance"] == pytest.approx(chance[t])
+        assert info["n"] == SMALL["n_eval"] == sum(it["type"] == t for it in items)
+        assert info["majority"] >= info["chance"] - 1e-9
+    for it in items:
+        assert it["answer"] in types[it["type"]]["answers"]
+        assert it["cot"] == (it["type"] == "arith") == it["question"].endswith(tw.COT_SUFFIX)
+        assert it["question"].count("<image>") == len(images_of(it))
+        for p in images_of(it):
+            assert (eval_file.parent / p).is_file(), p  # eval paths are relative to the eval file's directory
+    prompts = json.loads(Path(world["eval_prompts"]).read_text())
+    assert {p["type"] for p in prompts} == set(types) | {"describe"}
+    assert all((eval_file.parent / q).is_file() for p in prompts for q in images_of(p))
+
+
+def test_eval_images_held_out(world):
+    root = Path(world["root"])
+    train = {tw.file_digest(p) for p in (root / "images").rglob("*.png")}
+    held = {tw.file_digest(p) for p in (root / "eval/images").rglob("*.png")}
+    assert held and train and not (held & train)
+
+
+def test_tokenizer(world):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(world["tokenizer"])
+    text = "There are 2 shapes in the first image.\n\nThe answer is 5."
+    assert tok.decode(tok.encode(text).ids) == text
+    assert tok.token_to_id("<|im_end|>") is not None
+
+
+# -----------------------------------------------------------------------------
+# the world itself: answer helpers, scenes, rendering
+
+
+def test_answer_helpers():
+    assert tw.normalize_answer(" Red. ") == "red" and tw.normalize_answer("3") == "3"
+    assert tw.extract_answer("2 + 3 = 5.\n\nThe answer is 5.") == "5"
+    assert tw.extract_answer("2 + 3 = 5.\n\nThe answer is 5") is None
+    assert tw.extract_answer("The answer is 5.\n\nOops.") is None
+    assert tw.parse_answer("Circle.") == "circle" and tw.parse_answer("x\n\nThe answer is 7.") == "7"
+    assert tw.cot(["a.", "b."], "4") == "a.\n\nb.\n\nThe answer is 4."
+
+
+def boxes_overlap(a, b):
+    return abs(a.cx - b.cx) * 2 < a.size + b.size and abs(a.cy - b.cy) * 2 < a.size + b.size
+
+
+def test_scenes_visible_and_disjoint():
+    rng = random.Random(0)
+    for i in range(300):
+        n = 2 if i % 3 == 0 else rng.randint(1, 6)
+        specs = [tw.random_spec(rng) for _ in range(n)]
+        scene = tw.sample_scene(rng, specs, split=(i % 3 == 0))
+        short_side = min(scene.width, scene.height)
+        for j, o in enumerate(scene.objects):
+            assert o.size >= short_side / 6 - 0.1
+            assert o.size / 2 <= o.cx <= scene.width - o.size / 2 and o.size / 2 <= o.cy <= scene.height - o.size / 2
+            assert not any(boxes_overlap(o, p) for p in scene.objects[j + 1:])
+        if i % 3 == 0:
+            assert {scene.side(o) for o in scene.objects} == {"left", "right"}
+    sizes = {tw.sample_scene(rng, [("red", "circle")]).width for _ in range(100)}
+    assert len(sizes) >= 3  # several canvas sizes, so dynamic tiling is exercised
+
+
+@pytest.mark.parametrize("shape", tw.SHAPES)
+def test_render_centre_has_object_colour(shape):
+    rng = random.Random(1)
+    scene = tw.sample_scene(rng, [("blue", shape)])
+    o = scene.objects[0]
+    img = tw.render(scene)
+    assert img.size == (scene.width, scene.height)
+    assert img.getpixel((round(o.cx), round(o.cy + o.size / 8))) == o.rgb
+    assert img.getpixel((0, 0)) == scene.background
