@@ -9,7 +9,7 @@ Run:
 The world. Pictures are light canvases of several sizes and aspect ratios (224x224 ... 448x448, so InternVL's
 dynamic tiling gets exercised) holding 1-6 non-overlapping shapes. Every shape has one of 6 very distinct colours
 (red, green, blue, yellow, purple, orange) and one of 4 forms (circle, square, triangle, star), and is at least
-1/6 of the short side so it survives downscaling to 112-px tiles. Objects sit in distinct cells of a ~3-per-short-
+0.6-0.9 of its grid cell (>= 1/5 of the short side) so it survives 112-px tiles. Objects sit in distinct cells of a ~3-per-short-
 side grid, which makes "non-overlapping" and "on the left / on the right" exact by construction.
 
 Everything is written in the official InternVL formats (SPEC §4.3, §6, §7.4), so the loaders that read this toy
@@ -27,6 +27,7 @@ set read real data too. Layout of the output directory (all paths inside it are 
     eval/eval.jsonl           {"id", "image", "question", "answer", "type", "cot"}  held-out pictures only
     eval/types.json           {type: {"chance", "answers", "n", "cot", "majority"}}
     eval/prompts.json         a few fixed image + question pairs for sample logging during training
+    eval/text.jsonl           held-out pure text {"id", "text"} (its own seed stream), for text perplexity
     eval/images/*.png         the held-out pictures (never used by pre-training or SFT)
 
 Answer conventions (strict, the MPO / Best-of-N stages rely on them):
@@ -53,7 +54,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3
 
 # -----------------------------------------------------------------------------
 # the world: colours, shapes, canvases, sizes
@@ -174,7 +175,9 @@ def sample_scene(rng, specs: list, split: bool = False) -> Scene:
         chosen = [rng.choice(left), rng.choice(right)]
     else:
         chosen = rng.sample(cells, len(specs))
-    min_size, max_size = math.ceil(short_side / 6), 0.9 * min(cw, ch)
+    # shapes fill most of their cell (0.6-0.9 of it, >= 1/5 of the short side): a small shape covers ~1 ViT patch
+    # of a 112-px toy tile and the toy model then cannot tell colours apart at all (measured)
+    min_size, max_size = max(math.ceil(short_side / 6), 0.6 * min(cw, ch)), 0.9 * min(cw, ch)
     objects = []
     for (colour, shape), (c, r) in zip(specs, chosen):
         s = rng.uniform(min_size, max_size)
@@ -183,7 +186,9 @@ def sample_scene(rng, specs: list, split: bool = False) -> Scene:
         cy = rng.uniform(r * ch + s / 2 + pad, (r + 1) * ch - s / 2 - pad)
         rgb = tuple(max(0, min(255, v + rng.randint(-10, 10))) for v in COLOURS[colour])
         objects.append(Obj(colour, shape, rgb, round(cx, 1), round(cy, 1), round(s, 1)))
-    background = tuple(rng.randint(232, 255) for _ in range(3))
+    # a near-constant background: with a random tint per image the shape is below the noise of any pooled feature
+    # and the toy model never learns to look at it (measured); real photos vary more, but the toy must learn fast
+    background = tuple(rng.randint(243, 247) for _ in range(3))
     objects.sort(key=lambda o: (o.cx, o.cy))
     return Scene(w, h, background, tuple(objects))
 
@@ -659,6 +664,8 @@ def write_world(root: Path, p: dict) -> dict:
     rng = stream("pretrain/text")
     lines = [text_line(rng, i) for i in range(p["n_text"])]
     items, scenes_of = eval_items(stream("eval"), p["n_eval"], eval_bank)
+    rng = stream("eval/text")  # held-out pure text, for text perplexity
+    eval_text = [text_line(rng, i) for i in range(max(20, p["n_text"] // 10))]
 
     write_jsonl(root / "sft/vqa.jsonl", vqa)
     write_jsonl(root / "sft/cot.jsonl", cots)
@@ -678,6 +685,7 @@ def write_world(root: Path, p: dict) -> dict:
                      "length": len(lines), "kind": "text"},
     })
     write_jsonl(root / "eval/eval.jsonl", items)
+    write_jsonl(root / "eval/text.jsonl", eval_text)
     write_json(root / "eval/types.json", eval_types(items))
     write_json(root / "eval/prompts.json", eval_prompts(items, scenes_of))
 

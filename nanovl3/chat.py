@@ -155,7 +155,7 @@ def render_prompt(question: str, num_tiles: list[int], tokens_per_tile: int = 25
     prompt = f"<|im_start|>system\n{system_message}" + SEP
     for q, a in history:
         prompt += USER + q + SEP
-        prompt += ASSISTANT + a + SEP if a else ASSISTANT  # an empty message is the bare role, as upstream
+        prompt += (ASSISTANT + a + SEP) if a else ASSISTANT  # an empty message is the bare role, as upstream
     prompt += USER + question + SEP + ASSISTANT
     return expand_image_tokens(prompt, num_tiles, tokens_per_tile) if expand else prompt
 
@@ -172,7 +172,8 @@ def _check_conversation(conversations) -> None:
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise UserError(f"turn {i} must be an object with 'from' and 'value'")
         if not isinstance(turn["value"], str):
-            raise UserError(f"turn {i} ('{turn['from']}'): 'value' must be a string, got {type(turn['value']).__name__}")
+            kind = type(turn["value"]).__name__
+            raise UserError(f"turn {i} ('{turn['from']}'): 'value' must be a string, got {kind}")
     turns = conversations[1:] if conversations[0]["from"] == "system" else conversations
     for i, turn in enumerate(turns):
         want = ("human", "gpt")[i % 2]

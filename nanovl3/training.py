@@ -198,3 +198,68 @@ def extract_answer(text: str) -> str:
     """Final answer of a response: the last 'The answer is X.' line if there is one, else the whole text."""
     found = ANSWER_RE.findall(text)
     return normalise(found[-1] if found else text)
+
+
+def load_eval_items(path: str) -> list[dict]:
+    """eval.jsonl lines {image (path | list | absent), question, answer, type, cot}; image paths relative to the file."""
+    from nanovl3.data import read_jsonl
+    root = os.path.dirname(os.path.abspath(path))
+    items = []
+    for lineno, d in read_jsonl(path):
+        missing = [k for k in ("question", "answer", "type") if k not in d]
+        if missing:
+            raise UserError(f"{path}:{lineno}: eval line is missing {', '.join(missing)}")
+        images = d.get("image") or []
+        images = [images] if isinstance(images, str) else images
+        items.append({**d, "image": [os.path.join(root, p) for p in images]})
+    if not items:
+        raise UserError(f"{path}: no evaluation questions")
+    return items
+
+
+@torch.no_grad()
+def evaluate(model, tok, items: list[dict], batch_size: int = 16, max_per_type: int = -1,
+             short_tokens: int = 8, cot_tokens: int = 96) -> dict:
+    """Greedy answers to held-out questions -> {type: {"accuracy", "n", "correct"}} (+ "examples").
+
+    Questions are batched (left padding); chain-of-thought questions get a longer budget and are scored on their
+    final 'The answer is X.' line.
+    """
+    from nanovl3.chat import render_prompt
+    from nanovl3.generate import generate
+    from nanovl3.image import load_image
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    if max_per_type > 0:
+        per_type = {}
+        items = [it for it in items if per_type.setdefault(it["type"], []).append(it) or
+                 len(per_type[it["type"]]) <= max_per_type]
+    was_training = model.training
+    model.eval()
+    results, examples = {}, []
+    for cot in (False, True):
+        group = [it for it in items if bool(it.get("cot")) == cot]
+        for i in range(0, len(group), batch_size):
+            batch = group[i:i + batch_size]
+            prompts, tiles = [], []
+            for it in batch:
+                t = [load_image(p, max_num=cfg.max_dynamic_patch, image_size=cfg.vision.image_size,
+                                use_thumbnail=cfg.use_thumbnail) for p in it["image"]]
+                tiles += t
+                prompts.append(tok.encode(render_prompt(it["question"], [x.size(0) for x in t], cfg.num_image_token)))
+            pix = torch.cat(tiles).to(device=device, dtype=dtype) if tiles else None
+            outs = generate(model, prompts, pix, max_new_tokens=cot_tokens if cot else short_tokens,
+                            stop_ids=tok.stop_ids)
+            for it, out in zip(batch, outs):
+                text = tok.decode(out)
+                ok = extract_answer(text) == normalise(str(it["answer"]))
+                r = results.setdefault(it["type"], {"n": 0, "correct": 0})
+                r["n"] += 1
+                r["correct"] += int(ok)
+                if len(examples) < 4 or (cot and len(examples) < 6):
+                    examples.append({"question": it["question"], "answer": it["answer"], "response": text})
+    for r in results.values():
+        r["accuracy"] = r["correct"] / r["n"]
+    model.train(was_training)
+    return {"types": results, "examples": examples}

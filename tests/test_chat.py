@@ -73,7 +73,8 @@ def test_history_prompt():
             "<|im_start|>assistant\nA circle.<|im_end|>\n"
             "<|im_start|>user\nWhat colour?<|im_end|>\n"
             "<|im_start|>assistant\n")
-    assert render_prompt("What colour?", [1], tokens_per_tile=4, history=[("<image>\nWhat is it?", "A circle.")]) == want
+    history = [("<image>\nWhat is it?", "A circle.")]
+    assert render_prompt("What colour?", [1], tokens_per_tile=4, history=history) == want
     # text-only history and a custom system message
     assert render_prompt("And 3 + 4?", [], history=[("What is 1 + 1?", "2")], system_message="Be brief.") == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
@@ -84,7 +85,8 @@ def test_history_prompt():
 
 
 def test_expand_image_tokens():
-    assert expand_image_tokens("a <image> b <image>", [1, 2], 2) == "a <img>" + CTX * 2 + "</img> b <img>" + CTX * 4 + "</img>"
+    want = "a <img>" + CTX * 2 + "</img> b <img>" + CTX * 4 + "</img>"
+    assert expand_image_tokens("a <image> b <image>", [1, 2], 2) == want
     assert expand_image_tokens("no images", [], 256) == "no images"
     with pytest.raises(UserError, match="2 <image> tags but 1 images"):
         expand_image_tokens("<image> and <image>", [3], 4)
@@ -188,7 +190,8 @@ def test_system_override(tok):
     conv = [{"from": "system", "value": "You are a shape counter."}] + CONV[4:]
     ids, labels = tokenize_conversation(tok, conv, [], 4)
     text = tok.decode(ids, skip_special_tokens=False)
-    assert text.startswith("<|im_start|>system\nYou are a shape counter.<|im_end|>\n<|im_start|>user\n") and SYS not in text
+    assert text.startswith("<|im_start|>system\nYou are a shape counter.<|im_end|>\n<|im_start|>user\n")
+    assert SYS not in text
     assert [tok.decode(r, skip_special_tokens=False) for r in supervised_runs(ids, labels)] == ["It is red.<|im_end|>"]
     ids2, _ = tokenize_conversation(tok, CONV[4:], [], 4, system_message="You are a shape counter.")
     assert ids2 == ids
@@ -199,7 +202,8 @@ def test_system_override(tok):
 @pytest.mark.parametrize("conv,tiles,msg", [
     ([], [], "empty"),
     ([{"from": "gpt", "value": "hi"}, {"from": "human", "value": "hi"}], [], "alternate"),
-    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}], [], "alternate"),
+    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}], [],
+     "alternate"),
     ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], [], "alternate"),
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": None}], [], "string"),
     ([{"from": "human", "value": ["a"]}, {"from": "gpt", "value": "b"}], [], "string"),

@@ -27,6 +27,7 @@ SMALL = tw.SIZES["small"]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "world"
+    import nanovl3.chat  # noqa: F401  (imports torch, ~2 s): time the generation, not the import
     t0 = time.time()
     info = tw.generate(str(out), seed=0, **SMALL)
     info["elapsed"] = time.time() - t0
