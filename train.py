@@ -68,14 +68,14 @@ parser.add_argument("--max-seq-len", type=int, default=2048, help="longest sampl
 parser.add_argument("--max-tiles", type=int, default=-1, help="tiles per image (-1 = config max_dynamic_patch)")
 parser.add_argument("--skip-bad-samples", action="store_true", help="count and skip bad data lines, don't stop")
 # optimisation
-parser.add_argument("--pretrain-steps", type=int, default=250, help="optimizer steps of native pre-training")
-parser.add_argument("--sft-steps", type=int, default=350, help="optimizer steps of SFT")
+parser.add_argument("--pretrain-steps", type=int, default=300, help="optimizer steps of native pre-training")
+parser.add_argument("--sft-steps", type=int, default=650, help="optimizer steps of SFT")
 parser.add_argument("--max-packed-tokens", type=int, default=2048, help="tokens per packed sequence")
 parser.add_argument("--max-packed-tiles", type=int, default=48, help="tiles per packed sequence")
 parser.add_argument("--grad-accum", type=int, default=1, help="packed sequences per optimizer step (per rank)")
 parser.add_argument("--loss-reduction", default="square", choices=["token", "sample", "square"],
                     help="per-token loss weight 1, 1/n or 1/sqrt(n) of a sample's n supervised tokens")
-parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (all parts)")
+parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (all parts; 3e-3 collapses the toy ViT)")
 parser.add_argument("--lr-vit", type=float, default=-1, help="ViT learning rate (-1 = --lr)")
 parser.add_argument("--lr-mlp", type=float, default=-1, help="projector learning rate (-1 = --lr)")
 parser.add_argument("--lr-llm", type=float, default=-1, help="LLM learning rate (-1 = --lr)")
@@ -105,8 +105,8 @@ def resolve_paths():
         print0(f"generating the toy world in {d} ...")
         if rank == 0:
             toyworld.generate(d, seed=0)
-        if ddp:
-            torch.distributed.barrier()
+    if ddp:  # every rank waits here, whether or not it saw the data missing
+        torch.distributed.barrier()
     args.pretrain_meta = args.pretrain_meta or os.path.join(d, "pretrain", "meta.json")
     args.sft_meta = args.sft_meta or os.path.join(d, "sft", "meta.json")
     args.eval_file = args.eval_file or os.path.join(d, "eval", "eval.jsonl")
@@ -209,7 +209,7 @@ def run_stage(stage: str, steps: int, stream: PackedStream, start_step: int, opt
                 denom = all_reduce_mean(batch["loss_weight"][:, 1:].sum()) if ddp else None
                 loss = lm_loss(logits, batch["labels"], batch["loss_weight"], denom) / args.grad_accum
             loss.backward()
-            loss_sum += loss.item()
+            loss_sum += (all_reduce_mean(loss.detach()) if ddp else loss).item()  # the global weighted mean
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, args.clip)
         optimizer.step()
@@ -242,11 +242,16 @@ def run_stage(stage: str, steps: int, stream: PackedStream, start_step: int, opt
 
 
 def save(stage: str, step: int, optimizer, stream: PackedStream):
-    """Rank 0 writes <out-dir>/ckpt atomically; the data cursor is rank 0's (shards stay disjoint on resume)."""
+    """Rank 0 writes <out-dir>/ckpt atomically, with every rank's data cursor and RNG state (each packs its own)."""
+    data, rngs = [stream.state_dict()], [rng_state()]
+    if ddp:
+        data, rngs = [None] * world, [None] * world
+        torch.distributed.all_gather_object(data, stream.state_dict())
+        torch.distributed.all_gather_object(rngs, rng_state())
     if rank == 0:
         save_checkpoint(os.path.join(args.out_dir, "ckpt"), raw, tok, {
-            "stage": stage, "step": step, "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
-            "rng": rng_state(), "args": vars(args), "total_steps": state["total_steps"]})
+            "stage": stage, "step": step, "optimizer": optimizer.state_dict(), "data": data, "rng": rngs,
+            "world_size": world, "args": vars(args), "total_steps": state["total_steps"]})
     if ddp:
         torch.distributed.barrier()
 
@@ -336,9 +341,12 @@ with user_errors():
         stream = make_stream(meta, args.text_ratio if stage == "pretrain" else None)
         optimizer = make_optimizer(groups, device)  # each stage starts its own optimizer and schedule
         if resume_state and stage == resume_state["stage"]:
+            if resume_state["world_size"] != world:
+                raise UserError(f"--resume: the checkpoint was written by {resume_state['world_size']} processes, "
+                                f"this run has {world}; resume with the same number")
             optimizer.load_state_dict(resume_state["optimizer"])
-            stream.load_state_dict(resume_state["data"])
-            set_rng_state(resume_state["rng"])
+            stream.load_state_dict(resume_state["data"][rank])
+            set_rng_state(resume_state["rng"][rank])
             print0(f"resumed {stage} at step {start}")
         if start < steps:
             run_stage(stage, steps, stream, start, optimizer, state)

@@ -99,6 +99,12 @@ PRESETS = {
         TextConfig(vocab_size=1024, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                    num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=True),
         max_dynamic_patch=6),
+    # the toy recipe sized for one GPU: 224-px tiles (64 LLM tokens each), a wider and deeper ViT and LLM
+    "toy-gpu": lambda: VLConfig(
+        VisionConfig(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=6, image_size=224),
+        TextConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+        max_dynamic_patch=6),
 }
 
 

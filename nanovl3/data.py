@@ -89,8 +89,12 @@ def read_meta(meta_path) -> list[DatasetSpec]:
     return specs
 
 
-def read_jsonl(path) -> list[tuple[int, dict]]:
-    """-> [(line number (1-based), object)]; blank lines are skipped."""
+def read_jsonl(path, bad: list | None = None) -> list[tuple[int, dict]]:
+    """-> [(line number (1-based), object)]; blank lines are skipped.
+
+    A line that is not a JSON object raises a UserError naming file and line, or, when a `bad` list is given
+    (--skip-bad-samples), is skipped and its message appended to `bad`.
+    """
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such annotation file")
     rows = []
@@ -99,13 +103,19 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{lineno}: not UTF-8 text")
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})")
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                try:
+                    obj = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text")
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})")
+                if not isinstance(obj, dict):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            except UserError as e:
+                if bad is None:
+                    raise
+                bad.append(str(e))
+                continue
             rows.append((lineno, obj))
     return rows
 
@@ -272,7 +282,8 @@ class SampleStream:
                  world_size: int = 1, text_ratio: float | None = None, skip_bad: bool = False):
         self.specs, self.tok, self.cfg, self.seed = specs, tok, cfg, seed
         self.rank, self.world_size, self.skip_bad = rank, world_size, skip_bad
-        self.rows = [read_jsonl(s.annotation) for s in specs]
+        unreadable = [] if skip_bad else None  # malformed lines, counted with the other bad samples
+        self.rows = [read_jsonl(s.annotation, unreadable) for s in specs]
         if text_ratio is None:
             self.pools, self.mix = [list(range(len(specs)))], [1.0]
         elif 0 <= text_ratio <= 1:
@@ -286,7 +297,8 @@ class SampleStream:
                 what = ["non-text", "text"][pool] if text_ratio is not None else "the"
                 raise UserError(f"no lines to draw from in {what} datasets: "
                                 f"{', '.join(self.specs[d].annotation for d in self.pools[pool]) or '(none)'}")
-        self.draws, self.cursors, self.skipped, self.last_error = 0, [[0, 0] for _ in self.pools], 0, None
+        self.draws, self.cursors = 0, [[0, 0] for _ in self.pools]
+        self.skipped, self.last_error = len(unreadable or []), (unreadable or [None])[-1]
 
     def _order(self, pool: int, epoch: int) -> list[tuple[int, int]]:
         """Epoch `epoch` of a pool: [(dataset index, row index)], repeats applied, shuffled."""

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -231,10 +232,14 @@ def evaluate(model, tok, items: list[dict], batch_size: int = 16, max_per_type: 
     cfg = model.cfg
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    if max_per_type > 0:
-        per_type = {}
-        items = [it for it in items if per_type.setdefault(it["type"], []).append(it) or
-                 len(per_type[it["type"]]) <= max_per_type]
+    if max_per_type > 0:  # the first max_per_type questions of each type
+        seen = Counter()
+        kept = []
+        for it in items:
+            seen[it["type"]] += 1
+            if seen[it["type"]] <= max_per_type:
+                kept.append(it)
+        items = kept
     was_training = model.training
     model.eval()
     results, examples = {}, []

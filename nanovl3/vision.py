@@ -15,24 +15,10 @@ import torch.nn.functional as F
 
 from nanovl3.attention import attention
 from nanovl3.config import VisionConfig
+from nanovl3.text import RMSNorm  # the same norm as Qwen2's (6B ViT norm and its q/k normalisation)
 
 # -----------------------------------------------------------------------------
 # building blocks
-
-
-class RMSNorm(nn.Module):
-    """y = w * x / rms(x), computed in fp32 (the 6B ViT's norm, and its q/k normalisation)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 def make_norm(cfg: VisionConfig, dim: int) -> nn.Module:

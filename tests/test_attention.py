@@ -42,11 +42,15 @@ def masks(B, T):
     }
 
 
-@pytest.mark.parametrize("kind", ["full", "causal", "packed", "left_pad"])
+@pytest.mark.parametrize("kind", ["full", "causal", "packed", "packed_row", "left_pad"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["flex-eager", "flex-compiled"])
 def test_flex_equals_eager(kind, compiled):
-    q, k, v = qkv()
-    mask = masks(2, 40)[kind]
+    """packed: two rows (dense mask); packed_row: one packed row (eager path runs one causal call per document)."""
+    B = 1 if kind == "packed_row" else 2
+    q, k, v = qkv(B=B)
+    mask = masks(B, 40)["packed" if kind == "packed_row" else kind]
+    if kind == "packed_row":
+        assert mask.documents(40) == [(0, 10), (10, 35), (35, 40)]
     eager = A.attention(q, k, v, mask, flex=False)
     flex = A.attention(q, k, v, mask, flex=True, compiled=compiled)
     want = reference_attention(q, k, v, None if mask is None else mask.dense(40))

@@ -139,12 +139,22 @@ def test_ddp_equals_single_process(world, tmp_path):
         assert (v - got["params"][k]).abs().max().item() <= 1e-5, k
 
 
-def test_torchrun_two_processes_train(world, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        os.path.join(ROOT, "train.py"), *map(str, small_args(world, tmp_path / "ddp", "--max-steps", 2))],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 process(es)" in r.stdout
+def torchrun(*argv):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           os.path.join(ROOT, "train.py"), *map(str, argv)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_torchrun_two_processes_train_and_resume(world, tmp_path):
+    """train.py itself under torchrun (gloo): runs, and --resume continues the 2-process run exactly."""
+    full = torchrun(*small_args(world, tmp_path / "full", "--stage", "sft"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "2 process(es)" in full.stdout
+    part = torchrun(*small_args(world, tmp_path / "part", "--stage", "sft", "--max-steps", 2))
+    assert part.returncode == 0, part.stderr[-3000:]
+    resumed = torchrun(*small_args(world, tmp_path / "part", "--stage", "sft", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "part") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 4
 
 
 # -----------------------------------------------------------------------------
