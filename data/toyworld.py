@@ -54,7 +54,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 # -----------------------------------------------------------------------------
 # the world: colours, shapes, canvases, sizes
@@ -441,7 +441,9 @@ def sft_sample(idx, paths, turns) -> dict:
     return sample
 
 
-VQA_MIX = {"color": 1.0, "shape": 1.0, "count": 1.2, "count_color": 1.0, "position": 1.0, "describe": 0.4,
+# colour and shape are weighted up: reading one object's attribute needs far more examples than counting does
+# (measured: with equal weights the toy model counts at 85% while colour stays at chance)
+VQA_MIX = {"color": 3.0, "shape": 3.0, "count": 1.2, "count_color": 1.0, "position": 1.0, "describe": 0.4,
            "color_of": 0.2, "which_more": 0.2}
 COT_MIX = {"arith_two": 0.4, "arith_add": 0.3, "count_cot": 0.3}
 MULTI_TURN_P = 0.3  # chance that a single-image sample gets 1-2 more questions about the same picture
