@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from nanovl3.chat import Tokenizer
-from nanovl3.common import UserError, pick_dtype, print0, user_errors
+from nanovl3.common import UserError, atomic_path, pick_dtype, print0, user_errors
 from nanovl3.config import preset
 from nanovl3.data import DataConfig, PackedStream, SampleStream, collate_packed, read_jsonl, read_meta
 from nanovl3.losses import lm_loss
@@ -189,7 +189,7 @@ def run_stage(stage: str, steps: int, stream: PackedStream, start_step: int, opt
     bar = tqdm(total=steps, initial=start_step, desc=stage, disable=rank != 0 or not sys.stderr.isatty(), leave=False,
                dynamic_ncols=True)
     for step in range(start_step, steps):
-        if 0 <= args.max_steps <= state["total_steps"]:
+        if out_of_steps():
             break
         set_lr(optimizer, lr_factor(step, steps, warmup))
         loss_sum = 0.0
@@ -239,6 +239,11 @@ def run_stage(stage: str, steps: int, stream: PackedStream, start_step: int, opt
         if done % args.ckpt_interval == 0 or last:
             save(stage, done, optimizer, stream)
     bar.close()
+
+
+def out_of_steps() -> bool:
+    """--max-steps reached (a deliberately short run: tests, or a stop to be resumed)."""
+    return 0 <= args.max_steps <= state["total_steps"]
 
 
 def save(stage: str, step: int, optimizer, stream: PackedStream):
@@ -352,21 +357,22 @@ with user_errors():
             run_stage(stage, steps, stream, start, optimizer, state)
         if stream.stream.skipped:
             print0(f"{stage}: skipped {stream.stream.skipped} bad samples (last: {stream.stream.last_error})")
-        if 0 <= args.max_steps <= state["total_steps"]:
+        if out_of_steps():
             break
-    stopped_early = 0 <= args.max_steps <= state["total_steps"]
-    if eval_items and args.eval_per_type != 0 and rank == 0 and not stopped_early:
+    if eval_items and args.eval_per_type != 0 and rank == 0 and not out_of_steps():
         res = run_eval("final")
         res["wall_seconds"] = time.time() - t_start
         res["command"] = " ".join(sys.argv)
-        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+        with atomic_path(os.path.join(args.out_dir, "eval.json")) as tmp, open(tmp, "w") as f:
             json.dump(res, f, indent=2)
         print0("\nheld-out accuracy (chance):")
         for k, r in sorted(res["types"].items()):
             chance = f"{100 * r['chance']:.0f}%" if r.get("chance") else "?"
             print0(f"  {k:12s} {100 * r['accuracy']:5.1f}%  ({chance})  n={r['n']}")
         print0(f"wall time {res['wall_seconds']:.0f}s | checkpoint {os.path.join(args.out_dir, 'ckpt')}")
-        print0(f"try: python sample.py --ckpt {os.path.join(args.out_dir, 'ckpt')} "
-               f"--image {eval_items[0]['image'][0]} --prompt \"How many shapes are there?\"")
+        with_image = next((it for it in eval_items if it["image"]), None)
+        if with_image:
+            print0(f"try: python sample.py --ckpt {os.path.join(args.out_dir, 'ckpt')} "
+                   f"--image {with_image['image'][0]} --prompt \"{with_image['question'].splitlines()[-1]}\"")
     if ddp:
         torch.distributed.destroy_process_group()
