@@ -5,6 +5,11 @@ generated; everything else (prompt, timing, scores) goes to stderr.
     python sample.py --ckpt InternVL3-1B --image photo.jpg --prompt "Describe the image."
     python sample.py --ckpt InternVL3-1B-hf --image a.png --image b.png --prompt "What differs?" --show-prompt
     python sample.py --ckpt out/toy --prompt "What is 2 + 3?" --temperature 0.7 --top-p 0.9 --seed 1
+    python sample.py --ckpt InternVL3-8B --image q.png --prompt "..." --best-of 8 --temperature 0.7 --critic VisualPRM-8B
+
+Best-of-N (InternVL3 §2.4): --best-of N samples N answers in one batch (the prompt prefilled once), a critic scores
+them (majority vote, or a VisualPRM-style checkpoint: mean step score, or outcome:PATH = last step), the best is
+printed; --show-scores lists every candidate on stderr.
 
 Reads either checkpoint layout (original OpenGVLab or transformers -hf), one file or shards, from a local directory.
 """
@@ -18,8 +23,9 @@ import torch
 from PIL import Image
 
 from nanovl3 import attention
-from nanovl3.chat import Tokenizer, render_prompt
+from nanovl3.chat import ASSISTANT, SEP, USER, Tokenizer, render_prompt
 from nanovl3.common import UserError, eprint, user_errors
+from nanovl3.critic import best_of_n, final_answer, load_critic, score_responses
 from nanovl3.generate import generate
 from nanovl3.image import find_grid, load_image
 from nanovl3.model import InternVL
@@ -37,6 +43,11 @@ parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
 parser.add_argument("--max-new-tokens", type=int, default=512, help="most tokens to generate")
 parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+# Best-of-N
+parser.add_argument("--best-of", type=int, default=1, help="sample N answers and print the one the critic prefers")
+parser.add_argument("--critic", default="majority",
+                    help="majority | PRM checkpoint dir (mean step score) | outcome:DIR (last step's score)")
+parser.add_argument("--show-scores", action="store_true", help="with --best-of: list every candidate on stderr")
 # images
 parser.add_argument("--max-tiles", type=int, default=-1,
                     help="most 448-px tiles per image, thumbnail excluded (-1 = the checkpoint's max_dynamic_patch)")
@@ -70,9 +81,21 @@ class StreamPrinter:
             self.printed = text
 
 
+def load_tiles(paths: list[str], cfg) -> tuple[list[torch.Tensor], list[int]]:
+    """Image files -> tiles [N_k,3,S,S] per image and N_k, cut for the model config `cfg`."""
+    max_tiles = cfg.max_dynamic_patch if args.max_tiles < 0 else args.max_tiles
+    tiles = [load_image(p, max_num=max_tiles, image_size=cfg.vision.image_size, use_thumbnail=cfg.use_thumbnail)
+             for p in paths]
+    return tiles, [t.size(0) for t in tiles]
+
+
 def main():
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    if args.best_of < 1:
+        raise UserError("--best-of must be at least 1")
+    if args.best_of > 1 and args.temperature <= 0:
+        raise UserError(f"--best-of {args.best_of} needs --temperature > 0 (greedy answers would all be the same)")
     t0 = time.time()
     model = InternVL.from_pretrained(args.ckpt, dtype=args.dtype, device=args.device)
     tok = Tokenizer.from_dir(args.ckpt)
@@ -80,14 +103,11 @@ def main():
     device, dtype = model.language_model.lm_head.weight.device, model.language_model.lm_head.weight.dtype
     n_params = sum(p.numel() for p in model.parameters())
     eprint(f"loaded {args.ckpt}: {n_params / 1e6:.1f}M parameters, {dtype}, {device} ({time.time() - t0:.1f}s)")
+    critic = load_critic(args.critic, args.dtype, args.device) if args.best_of > 1 else None  # fail before sampling
 
     # ---- images -> tiles
     max_tiles = cfg.max_dynamic_patch if args.max_tiles < 0 else args.max_tiles
-    tiles, num_tiles = [], []
-    for path in args.image:
-        t = load_image(path, max_num=max_tiles, image_size=cfg.vision.image_size, use_thumbnail=cfg.use_thumbnail)
-        tiles.append(t)
-        num_tiles.append(t.size(0))
+    tiles, num_tiles = load_tiles(args.image, cfg)
     pixel_values = torch.cat(tiles).to(device=device, dtype=dtype) if tiles else None
 
     # ---- prompt
@@ -103,9 +123,13 @@ def main():
                    f"{n * cfg.num_image_token} image tokens")
         eprint(f"prompt: {len(ids)} tokens")
 
-    # ---- generate, streaming row 0 to stdout
     if args.compile:
         attention.enable_cpu_flex(True)
+    if args.best_of > 1:
+        best_of(model, tok, ids, pixel_values, critic)
+        return
+
+    # ---- generate, streaming row 0 to stdout
     printer = StreamPrinter(tok, tok.stop_ids)
     t1 = time.time()
     generate(model, [ids], pixel_values, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -116,6 +140,38 @@ def main():
     n_decode = printer.n - 1  # the first token came from prefill
     eprint(f"[prefill {len(ids)} tokens: {printer.t_first - t1:.2f}s | decode {n_decode} tokens: "
            f"{n_decode / max(t2 - printer.t_first, 1e-9):.1f} tokens/s]")
+
+
+def best_of(model, tok, ids, pixel_values, critic):
+    """Sample --best-of answers in one batch (no streaming), let the critic score them, print the best."""
+    n = args.best_of
+    t1 = time.time()
+    rows = generate(model, [ids], pixel_values, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=tok.stop_ids, num_samples=n,
+                    compile=args.compile)
+    answers = [tok.decode(r) for r in rows]
+    t2 = time.time()
+
+    # the critic reads the question as the policy saw it, <image> tags in place: cut it out of the unexpanded
+    # prompt, which ends USER + question + SEP + ASSISTANT, so images that render_prompt put first are there too
+    shown = render_prompt(args.prompt, [1] * len(args.image), expand=False)
+    question = shown[shown.rindex(USER) + len(USER):-len(SEP + ASSISTANT)]
+    prm_pixels, prm_tiles = None, []
+    if critic.model is not None and args.image:  # the PRM cuts tiles for its own config
+        weight = critic.model.language_model.lm_head.weight
+        tiles, prm_tiles = load_tiles(args.image, critic.model.cfg)
+        prm_pixels = torch.cat(tiles).to(device=weight.device, dtype=weight.dtype)
+    scores = score_responses(critic, question, answers, prm_pixels, prm_tiles)
+    best = best_of_n(scores)
+    t3 = time.time()
+
+    sys.stdout.write(answers[best] + "\n")
+    if args.show_scores:
+        for i, (a, s) in enumerate(zip(answers, scores)):
+            mark = "*" if i == best else " "
+            eprint(f"{mark} candidate {i}: score {s:.4f} | answer {final_answer(a)[:40]!r} | {a[:80]!r}")
+    eprint(f"[best of {n}: sampled {sum(map(len, rows))} tokens in {t2 - t1:.2f}s | critic {args.critic}: "
+           f"{t3 - t2:.2f}s | chose candidate {best}]")
 
 
 if __name__ == "__main__":

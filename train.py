@@ -33,7 +33,7 @@ from nanovl3.losses import lm_loss
 from nanovl3.model import InternVL, v2pe_position_ids
 from nanovl3.training import (Logger, all_reduce_mean, dist_init, evaluate, flops_per_tile, flops_per_token,
                               load_eval_items, load_train_state, lr_factor, make_optimizer, measure_peak_flops,
-                              param_groups, rng_state, save_checkpoint, set_lr, set_rng_state)
+                              param_groups, restore_run, save_run, set_lr)
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -158,7 +158,11 @@ def make_stream(meta: str, text_ratio) -> PackedStream:
     dcfg = DataConfig(tokens_per_tile=raw.cfg.num_image_token, image_size=raw.cfg.vision.image_size,
                       max_dynamic_patch=raw.cfg.max_dynamic_patch if args.max_tiles < 0 else args.max_tiles,
                       use_thumbnail=raw.cfg.use_thumbnail, max_seq_len=args.max_seq_len)
-    samples = SampleStream(read_meta(meta), tok, dcfg, seed=args.seed, rank=rank, world_size=world,
+    specs = read_meta(meta)
+    for spec in specs:
+        if spec.kind == "preference":
+            raise UserError(f"{meta}: dataset '{spec.name}' is preference data (chosen/rejected): train it with mpo.py")
+    samples = SampleStream(specs, tok, dcfg, seed=args.seed, rank=rank, world_size=world,
                            text_ratio=text_ratio, skip_bad=args.skip_bad_samples)
     return PackedStream(samples, args.max_packed_tokens, args.max_packed_tiles)
 
@@ -247,18 +251,9 @@ def out_of_steps() -> bool:
 
 
 def save(stage: str, step: int, optimizer, stream: PackedStream):
-    """Rank 0 writes <out-dir>/ckpt atomically, with every rank's data cursor and RNG state (each packs its own)."""
-    data, rngs = [stream.state_dict()], [rng_state()]
-    if ddp:
-        data, rngs = [None] * world, [None] * world
-        torch.distributed.all_gather_object(data, stream.state_dict())
-        torch.distributed.all_gather_object(rngs, rng_state())
-    if rank == 0:
-        save_checkpoint(os.path.join(args.out_dir, "ckpt"), raw, tok, {
-            "stage": stage, "step": step, "optimizer": optimizer.state_dict(), "data": data, "rng": rngs,
-            "world_size": world, "args": vars(args), "total_steps": state["total_steps"]})
-    if ddp:
-        torch.distributed.barrier()
+    save_run(os.path.join(args.out_dir, "ckpt"), raw, tok, stream, {
+        "stage": stage, "step": step, "optimizer": optimizer.state_dict(), "args": vars(args),
+        "total_steps": state["total_steps"]}, rank, world)
 
 
 # -----------------------------------------------------------------------------
@@ -346,12 +341,7 @@ with user_errors():
         stream = make_stream(meta, args.text_ratio if stage == "pretrain" else None)
         optimizer = make_optimizer(groups, device)  # each stage starts its own optimizer and schedule
         if resume_state and stage == resume_state["stage"]:
-            if resume_state["world_size"] != world:
-                raise UserError(f"--resume: the checkpoint was written by {resume_state['world_size']} processes, "
-                                f"this run has {world}; resume with the same number")
-            optimizer.load_state_dict(resume_state["optimizer"])
-            stream.load_state_dict(resume_state["data"][rank])
-            set_rng_state(resume_state["rng"][rank])
+            restore_run(resume_state, optimizer, stream, rank, world)
             print0(f"resumed {stage} at step {start}")
         if start < steps:
             run_stage(stage, steps, stream, start, optimizer, state)

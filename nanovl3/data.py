@@ -10,7 +10,8 @@ Three kinds of JSONL line (meta.json "kind", our extension; the official files a
   sft          {"image": str | [str] | absent, "conversations": [{"from": "human"|"gpt"|"system", "value"}]}
   interleaved  {"image": [str], "text": "... <image> ... <image> ..."}   (native multimodal pre-training)
   text         {"text": "..."}                                            (pure-text pre-training)
-("preference" lines are read by mpo.py.) Every bad line raises UserError("file:line: why").
+  preference   {"image": ..., "question": "...", "chosen": "...", "rejected": "..."}   (MMPR, read by mpo.py)
+Every bad line raises UserError("file:line: why").
 
 Label convention: labels[t] is the target of *token t*, predicted from position t-1 (lm_loss shifts by one).
 labels[0] is always -100 (token 0 has no context), and loss_weight[t] goes with labels[t].
@@ -242,8 +243,41 @@ def text_sample(tok, record, where, cfg: DataConfig) -> Sample:
     return _finish(tok, ids, list(ids), None, [], where, cfg)
 
 
-def build_sample(tok, spec: DatasetSpec, lineno: int, record: dict, cfg: DataConfig, augment_rng=None) -> Sample:
-    """Dispatch on the dataset kind; augment_rng is used only when the dataset has data_augment."""
+def preference_sample(tok, record, where, cfg: DataConfig, root="", max_dynamic_patch=None,
+                      augment_rng=None) -> tuple[Sample, Sample]:
+    """MMPR line -> (chosen, rejected): two single-turn SFT samples on the same question and the same tiles.
+
+    Their labels cover each answer + <|im_end|>, the prompt masked as in SFT, which is exactly what log π(y|x)
+    sums over in MPO (SPEC §7.1). "<image>\n" is prepended to the question when it has no tag (SPEC §7.4).
+    """
+    for key in ("question", "chosen", "rejected"):
+        if not isinstance(record.get(key), str):
+            raise UserError(f"{where}: preference line needs a string '{key}'")
+        if not record[key].strip():
+            raise UserError(f"{where}: '{key}' is empty")
+    if record["chosen"].strip() == record["rejected"].strip():
+        raise UserError(f"{where}: 'chosen' and 'rejected' are the same answer (nothing to prefer)")
+    question = record["question"]
+    n_images = 0 if record.get("image") is None else 1 if isinstance(record["image"], str) else len(record["image"])
+    if "<image>" not in question and n_images:
+        question = "<image>\n" * n_images + question
+    pixels, num_tiles = _images(record, where, root, question.count("<image>"), cfg, max_dynamic_patch, augment_rng)
+    pair = []
+    for key in ("chosen", "rejected"):
+        conv = [{"from": "human", "value": question}, {"from": "gpt", "value": record[key]}]
+        try:
+            ids, labels = tokenize_conversation(tok, conv, num_tiles, cfg.tokens_per_tile, cfg.system_message)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        pair.append(_finish(tok, ids, labels, pixels, num_tiles, f"{where} ({key})", cfg))
+    if [len(s.num_tiles) for s in pair] != [len(num_tiles)] * 2:
+        raise UserError(f"{where}: the question does not fit in {cfg.max_seq_len} tokens with its images")
+    return pair[0], pair[1]
+
+
+def build_sample(tok, spec: DatasetSpec, lineno: int, record: dict, cfg: DataConfig, augment_rng=None):
+    """Dispatch on the dataset kind -> a Sample (a (chosen, rejected) pair for preference data); augment_rng is
+    used only when the dataset has data_augment."""
     where = f"{spec.annotation}:{lineno}"
     rng = augment_rng if spec.data_augment else None
     if spec.kind == "sft":
@@ -252,7 +286,9 @@ def build_sample(tok, spec: DatasetSpec, lineno: int, record: dict, cfg: DataCon
         return interleaved_sample(tok, record, where, cfg, spec.root, spec.max_dynamic_patch, rng)
     if spec.kind == "text":
         return text_sample(tok, record, where, cfg)
-    raise UserError(f"{where}: dataset '{spec.name}' has kind '{spec.kind}': preference data is read by mpo.py")
+    if spec.kind == "preference":
+        return preference_sample(tok, record, where, cfg, spec.root, spec.max_dynamic_patch, rng)
+    raise UserError(f"{where}: unknown dataset kind '{spec.kind}'")
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from collections import Counter
 
@@ -126,6 +125,30 @@ def save_checkpoint(path: str, model, tokenizer, train_state: dict):
         torch.save(train_state, os.path.join(tmp, "train_state.pt"))
 
 
+def save_run(path: str, model, tokenizer, stream, train_state: dict, rank: int, world: int):
+    """save_checkpoint from rank 0 with every rank's data cursor and RNG state (each rank draws its own data).
+    Every rank must call it (it gathers)."""
+    data, rngs = [stream.state_dict()], [rng_state()]
+    if world > 1:
+        data, rngs = [None] * world, [None] * world
+        dist.all_gather_object(data, stream.state_dict())
+        dist.all_gather_object(rngs, rng_state())
+    if rank == 0:
+        save_checkpoint(path, model, tokenizer, {**train_state, "data": data, "rng": rngs, "world_size": world})
+    if world > 1:
+        dist.barrier()
+
+
+def restore_run(state: dict, optimizer, stream, rank: int, world: int):
+    """The other half of save_run: optimizer, this rank's data cursor and RNG state."""
+    if state["world_size"] != world:
+        raise UserError(f"--resume: the checkpoint was written by {state['world_size']} processes, this run has "
+                        f"{world}; resume with the same number")
+    optimizer.load_state_dict(state["optimizer"])
+    stream.load_state_dict(state["data"][rank])
+    set_rng_state(state["rng"][rank])
+
+
 def load_train_state(path: str) -> dict:
     f = os.path.join(path, "train_state.pt")
     if not os.path.isfile(f):
@@ -192,18 +215,6 @@ class Logger:
 # -----------------------------------------------------------------------------
 # evaluation on held-out questions with exact answers
 
-ANSWER_RE = re.compile(r"The answer is\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)
-
-
-def normalise(answer: str) -> str:
-    return answer.strip().lower().rstrip(".").strip()
-
-
-def extract_answer(text: str) -> str:
-    """Final answer of a response: the last 'The answer is X.' line if there is one, else the whole text."""
-    found = ANSWER_RE.findall(text)
-    return normalise(found[-1] if found else text)
-
 
 def load_eval_items(path: str) -> list[dict]:
     """eval.jsonl lines {image (path | list | absent), question, answer, type, cot}; image paths relative to the file."""
@@ -231,6 +242,7 @@ def evaluate(model, tok, items: list[dict], batch_size: int = 16, max_per_type: 
     final 'The answer is X.' line.
     """
     from nanovl3.chat import render_prompt
+    from nanovl3.critic import is_correct
     from nanovl3.generate import generate
     from nanovl3.image import load_image
     cfg = model.cfg
@@ -262,7 +274,7 @@ def evaluate(model, tok, items: list[dict], batch_size: int = 16, max_per_type: 
                             stop_ids=tok.stop_ids)
             for it, out in zip(batch, outs):
                 text = tok.decode(out)
-                ok = extract_answer(text) == normalise(str(it["answer"]))
+                ok = is_correct(text, it["answer"])  # the project's one grading rule (critic.py)
                 r = results.setdefault(it["type"], {"n": 0, "correct": 0})
                 r["n"] += 1
                 r["correct"] += int(ok)

@@ -121,3 +121,45 @@ def assert_one_line_error(r, msg):
     assert "Traceback" not in r.stderr, r.stderr
     assert lines and lines[-1].startswith("error:") and msg in lines[-1], r.stderr
     assert sum(line.startswith("error:") for line in lines) == 1
+
+
+# -----------------------------------------------------------------------------
+# Best-of-N
+
+
+def best_of_expected(ckpt, prompt, critic_spec, n=4, max_new_tokens=8):
+    """The answer sample.py --best-of n should print, computed in-process (seed 0, temperature 1)."""
+    from nanovl3.critic import best_of_n, load_critic, score_responses
+    model = InternVL.from_pretrained(ckpt / "ckpt")
+    tok = Tokenizer.from_dir(ckpt / "ckpt")
+    pix = load_image(ckpt / "red.png", max_num=model.cfg.max_dynamic_patch, image_size=model.cfg.vision.image_size)
+    ids = tok.encode(render_prompt(prompt, [pix.size(0)], model.cfg.num_image_token))
+    rows = generate(model, [ids], pix, max_new_tokens=max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids,
+                    num_samples=n)
+    answers = [tok.decode(r) for r in rows]
+    # the prompt has no <image> tag: render_prompt puts the one image first, and so does the critic's question
+    scores = score_responses(load_critic(critic_spec), "<image>\n" + prompt, answers, pix, [pix.size(0)])
+    return answers, scores, best_of_n(scores)
+
+
+@pytest.mark.parametrize("critic", ["majority", "prm", "outcome"])
+def test_best_of(ckpt, critic):
+    spec = {"majority": "majority", "prm": str(ckpt / "ckpt"), "outcome": f"outcome:{ckpt / 'ckpt'}"}[critic]
+    r = run("--ckpt", ckpt / "ckpt", "--image", ckpt / "red.png", "--prompt", "What colour is it?",
+            "--max-new-tokens", 8, "--best-of", 4, "--temperature", 1, "--critic", spec, "--show-scores")
+    assert r.returncode == 0, r.stderr
+    answers, scores, best = best_of_expected(ckpt, "What colour is it?", spec)
+    assert r.stdout == answers[best] + "\n"  # only the chosen answer on stdout
+    listed = [line for line in r.stderr.splitlines() if "candidate" in line and "score" in line]
+    assert len(listed) == 4
+    for i, line in enumerate(listed):
+        assert f"candidate {i}: score {scores[i]:.4f}" in line and line.startswith("*" if i == best else " ")
+
+
+def test_best_of_errors(ckpt, tmp_path):
+    good = ckpt / "ckpt"
+    assert_one_line_error(run("--ckpt", good, "--prompt", "hi", "--best-of", 4),
+                          "--best-of 4 needs --temperature > 0")
+    assert_one_line_error(run("--ckpt", good, "--prompt", "hi", "--best-of", 0), "--best-of must be at least 1")
+    assert_one_line_error(run("--ckpt", good, "--prompt", "hi", "--best-of", 2, "--temperature", 1,
+                              "--critic", tmp_path / "no-prm"), "does not exist")

@@ -22,15 +22,11 @@ from nanovl3.losses import lm_loss
 from nanovl3.model import InternVL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "data"))
-import toyworld  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("world") / "toy"
-    toyworld.generate(str(d), seed=0, n_sft=60, n_pretrain=16, n_text=24, n_eval=3)
-    return d
+@pytest.fixture
+def world(small_world):  # conftest.py: the small toy world, made once per session
+    return small_world
 
 
 def tiny_model(tok, seed=0):

@@ -1,0 +1,373 @@
+"""
+MPO and Best-of-N with a process reward model on the toy world, end to end. One command makes the README's tables:
+
+    python data/reasoning.py                       # from runs/toy/ckpt (python train.py makes it) -> runs/reasoning
+    python data/reasoning.py --quick               # a smaller, faster version of every stage
+
+Stages; each writes into --out and is skipped when its output is already there (--redo starts over):
+  1. questions  chain-of-thought questions about new pictures (counting, adding counts over one or two images):
+                a training set for rollouts and a held-out set, from their own random streams
+  2. rollouts   K answers per training question, sampled from the SFT checkpoint
+  3. pairs      the MMPR correctness pipeline (InternVL2.5-MPO arXiv 2411.10442 §3.1): a sampled answer with the
+                right final answer is chosen, one with a wrong answer is rejected; optional Dropout Next-Token
+                Prediction pairs (--dntp) for questions every sample got right
+  4. mpo        python mpo.py --init-from SFT --data pairs/meta.json
+  5. prm data   VisualPRM's Monte-Carlo step labels (arXiv 2503.10291 §3): from the prefix that ends at step k,
+                sample M continuations; step k is "+" if any reaches the right answer. A correct answer is itself
+                such a continuation, so all of its steps are "+"; after the first "-" every later step is "-".
+  6. prm        python train.py --stage sft --init-from SFT --sft-meta prm/meta.json (the PRM conversation format)
+  7. evaluate   greedy accuracy of SFT and MPO on the held-out questions; Best-of-N at N = 1, 2, 4, 8 over the
+                same 8 samples per question (N < 8: the mean over the 8/N disjoint groups), picked by the PRM
+                (mean step score), the outcome score (last step) and majority voting; pass@N as the ceiling
+Writes <out>/results.json and prints the tables.
+"""
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
+import toyworld  # noqa: E402
+from nanovl3.chat import Tokenizer, render_prompt  # noqa: E402
+from nanovl3.common import UserError, atomic_path, user_errors  # noqa: E402
+from nanovl3.critic import (aggregate, best_of_n, is_correct, majority_vote, prm_conversation,  # noqa: E402
+                            prm_step_scores, split_steps)
+from nanovl3.generate import generate  # noqa: E402
+from nanovl3.image import load_image  # noqa: E402
+from nanovl3.model import InternVL  # noqa: E402
+
+QTYPES = {"arith_two": 0.4, "arith_add": 0.3, "count_cot": 0.3}  # the toy world's chain-of-thought questions
+NS = (1, 2, 4, 8)
+
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def write_jsonl(path: Path, rows: list):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(str(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def write_json(path: Path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(str(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+
+
+def meta(path: Path, annotation: str, **extra):
+    write_json(path, {path.parent.name: {"root": "..", "annotation": annotation, "repeat_time": 1, **extra}})
+
+
+# -----------------------------------------------------------------------------
+# 1. questions
+
+
+def make_questions(out: Path, n_train: int, n_eval: int, seed: int):
+    """-> out/questions/{train,eval}.jsonl: {"image": [paths relative to out], "question", "answer", "type"}."""
+    bank, rows = toyworld.ImageBank("questions/images"), {}
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        rng = random.Random(f"reasoning/{seed}/{split}")  # own streams: never the toy world's pictures
+        rows[split] = []
+        for _ in range(n):
+            qtype, = rng.choices(list(QTYPES), weights=list(QTYPES.values()))
+            scenes, qa = toyworld.build(rng, qtype)
+            paths = [bank.add(s) for s in scenes]
+            rows[split].append({"image": paths, "question": toyworld.image_tags(len(paths)) + qa["question"],
+                                "answer": qa["answer"], "type": qtype, "reference": qa["reply"]})
+    toyworld.render_all(out, bank.items)
+    for split in rows:
+        write_jsonl(out / "questions" / f"{split}.jsonl", rows[split])
+
+
+# -----------------------------------------------------------------------------
+# sampling answers (and continuations of partial answers) from a checkpoint
+
+
+def tiles_of(item, out: Path, cfg) -> list[torch.Tensor]:
+    return [load_image(out / p, max_num=cfg.max_dynamic_patch, image_size=cfg.vision.image_size,
+                       use_thumbnail=cfg.use_thumbnail) for p in item["image"]]
+
+
+def sample(model, tok, out: Path, jobs: list[tuple[dict, str]], n: int, temperature: float, seed: int,
+           max_new_tokens: int = 96, batch: int = 16, images: bool = True) -> list[list[str]]:
+    """jobs [(question item, answer prefix)] -> n answers each (prefix + continuation). Row r of job j is
+    sampled with seed + n * j + r, so a job gets the same answers whatever else is in its batch."""
+    cfg = model.cfg
+    results = []
+    for i in range(0, len(jobs), batch):
+        prompts, tiles, chunk = [], [], jobs[i:i + batch]
+        for item, prefix in chunk:
+            t = tiles_of(item, out, cfg) if images else []
+            question = item["question"] if images else item["question"].replace("<image>\n", "").replace("<image>", "")
+            tiles += t
+            prompts.append(tok.encode(render_prompt(question, [x.size(0) for x in t], cfg.num_image_token))
+                           + (tok.encode(prefix) if prefix else []))
+        pix = torch.cat(tiles) if tiles else None
+        # generate seeds row r of this call with seed + r: offset by the first job's index
+        outs = generate(model, prompts, pix, max_new_tokens, temperature=temperature, seed=seed + n * i,
+                        stop_ids=tok.stop_ids, num_samples=n)
+        for j, (_, prefix) in enumerate(chunk):
+            results.append([prefix + tok.decode(o) for o in outs[j * n:(j + 1) * n]])
+    return results
+
+
+def load(ckpt: str):
+    model = InternVL.from_pretrained(ckpt, dtype=torch.float32)
+    return model.eval(), Tokenizer.from_dir(ckpt)
+
+
+# -----------------------------------------------------------------------------
+# 3. preference pairs (correctness pipeline) and 5. PRM data (Monte-Carlo step labels)
+
+
+def make_pairs(rollouts: list[dict], pairs_per_question: int, seed: int, reference: bool = False) -> list[dict]:
+    """MMPR lines from sampled answers: right final answer -> chosen, wrong -> rejected. reference=True: when no
+    sample is right, the world's reference solution is the chosen answer (MMPR itself drops such questions)."""
+    rng, rows = random.Random(f"pairs/{seed}"), []
+    for r in rollouts:
+        good = sorted({a for a in r["answers"] if is_correct(a, r["answer"])})
+        if not good and reference:
+            good = [r["reference"]]
+        bad = sorted({a for a in r["answers"] if not is_correct(a, r["answer"])})
+        for _ in range(min(pairs_per_question, len(good), len(bad))):
+            c, w = good.pop(rng.randrange(len(good))), bad.pop(rng.randrange(len(bad)))
+            rows.append({"image": r["image"], "question": r["question"], "chosen": c, "rejected": w})
+    return rows
+
+
+def dntp_pairs(model, tok, out: Path, rollouts: list[dict], seed: int, max_new_tokens: int = 96) -> list[dict]:
+    """Dropout Next-Token Prediction: for questions without a wrong sample, keep a correct answer as chosen and let
+    the model finish its first half WITHOUT the image: the continuation is the rejected answer."""
+    jobs, chosen = [], []
+    for r in rollouts:
+        good = [a for a in r["answers"] if is_correct(a, r["answer"])]
+        if len(good) == len(r["answers"]):
+            steps = split_steps(good[0])
+            jobs.append((r, "\n\n".join(steps[:max(1, len(steps) // 2)])))
+            chosen.append(good[0])
+    outs = sample(model, tok, out, jobs, 1, 1.0, seed, max_new_tokens, images=False)
+    return [{"image": r["image"], "question": r["question"], "chosen": c, "rejected": o[0]}
+            for (r, _), c, o in zip(jobs, chosen, outs) if o[0].strip() != c.strip()]
+
+
+def mc_labels(model, tok, out: Path, rollouts: list[dict], per_question: int, m: int, seed: int,
+              max_new_tokens: int = 96) -> list[dict]:
+    """PRM training conversations with Monte-Carlo labels, up to per_question correct and as many wrong answers
+    per training question. Wrong answers are labelled step by step; a prefix that never reaches the right
+    answer in m tries makes that step and every later one "-"."""
+    rng, items = random.Random(f"prm/{seed}"), []
+    for r in rollouts:
+        good = sorted({a for a in r["answers"] if is_correct(a, r["answer"])})
+        bad = sorted({a for a in r["answers"] if not is_correct(a, r["answer"])})
+        for a in rng.sample(good, min(per_question, len(good))):
+            items.append({"r": r, "steps": split_steps(a), "labels": None})
+        for a in rng.sample(bad, min(per_question, len(bad))):
+            steps = split_steps(a)
+            items.append({"r": r, "steps": steps, "labels": [], "open": True})
+    # wrong answers: one round of continuations per step, for every answer still open at that step
+    for k in range(max((len(it["steps"]) for it in items), default=0)):
+        todo = [it for it in items if it["labels"] is not None and it.get("open") and k < len(it["steps"])]
+        last = [it for it in todo if k == len(it["steps"]) - 1]  # the whole wrong answer: "-" without sampling
+        for it in last:
+            it["labels"].append("-")
+        todo = [it for it in todo if k < len(it["steps"]) - 1]
+        outs = sample(model, tok, out, [(it["r"], "\n\n".join(it["steps"][:k + 1])) for it in todo], m, 1.0,
+                      seed + 1000 * k, max_new_tokens)
+        for it, conts in zip(todo, outs):
+            ok = any(is_correct(c, it["r"]["answer"]) for c in conts)
+            it["labels"].append("+" if ok else "-")
+            it["open"] = ok
+    rows = []
+    for it in items:
+        labels = it["labels"] if it["labels"] is not None else ["+"] * len(it["steps"])
+        labels += ["-"] * (len(it["steps"]) - len(labels))
+        rows.append({"image": it["r"]["image"],
+                     "conversations": prm_conversation(it["r"]["question"], it["steps"], labels)})
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# 7. evaluation
+
+
+def greedy_accuracy(ckpt: str, out: Path, items: list[dict], max_new_tokens: int = 96) -> dict:
+    model, tok = load(ckpt)
+    answers = [a[0] for a in sample(model, tok, out, [(it, "") for it in items], 1, 0.0, 0, max_new_tokens)]
+    correct = [is_correct(a, it["answer"]) for a, it in zip(answers, items)]
+    return {"accuracy": sum(correct) / len(items), "n": len(items), "correct": sum(correct),
+            "examples": answers[:3]}
+
+
+def best_of_n_table(samples: list[list[str]], scores: dict, items: list[dict]) -> dict:
+    """Accuracy of each critic at each N; N < 8 averages the 8/N disjoint groups of N samples."""
+    table = {}
+    for name in list(scores) + ["majority", "pass@N"]:
+        table[name] = {}
+        for n in NS:
+            hits, groups = 0, 0
+            for q, (answers, it) in enumerate(zip(samples, items)):
+                for g in range(0, len(answers) - n + 1, n):
+                    group = answers[g:g + n]
+                    if name == "pass@N":
+                        hit = any(is_correct(a, it["answer"]) for a in group)
+                    else:
+                        s = majority_vote(group) if name == "majority" else scores[name][q][g:g + n]
+                        hit = is_correct(group[best_of_n(s)], it["answer"])
+                    hits, groups = hits + hit, groups + 1
+            table[name][str(n)] = hits / groups
+    return table
+
+
+def run(cmd: list[str], log: Path):
+    """A stage in its own process (the scripts users run), its output kept in a log file."""
+    print(f"$ {' '.join(cmd)}   (log: {log})", flush=True)
+    with open(log, "w") as f:
+        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        tail = open(log).read()[-2000:]
+        raise UserError(f"stage failed ({' '.join(cmd[:1])}, exit {p.returncode}); the end of {log}:\n{tail}")
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--sft", default="runs/toy/ckpt", help="the SFT checkpoint (python train.py makes it)")
+    parser.add_argument("--out", default="runs/reasoning", help="every stage's output and results.json")
+    parser.add_argument("--quick", action="store_true", help="fewer questions and steps (smoke test)")
+    parser.add_argument("--redo", action="store_true", help="run every stage again")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=600, help="training questions (rollouts)")
+    parser.add_argument("--n-eval", type=int, default=300, help="held-out questions")
+    parser.add_argument("--rollouts", type=int, default=8, help="K: sampled answers per training question")
+    parser.add_argument("--pairs-per-question", type=int, default=2, help="most preference pairs per question")
+    parser.add_argument("--dntp", action="store_true", help="add Dropout Next-Token Prediction pairs")
+    parser.add_argument("--reference-chosen", action="store_true",
+                        help="questions no sample got right: the reference solution is the chosen answer")
+    parser.add_argument("--mpo-steps", type=int, default=150, help="mpo.py --steps")
+    parser.add_argument("--mpo-lr", type=float, default=5e-5, help="mpo.py --lr")
+    parser.add_argument("--mc", type=int, default=4, help="M: continuations per step prefix for the PRM labels")
+    parser.add_argument("--prm-per-question", type=int, default=2, help="correct and wrong answers per question")
+    parser.add_argument("--prm-steps", type=int, default=300, help="train.py --sft-steps for the PRM")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of Best-of-N")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="longest sampled answer")
+    args = parser.parse_args()
+    if args.quick:
+        args.n_train, args.n_eval, args.rollouts = min(args.n_train, 24), min(args.n_eval, 16), args.rollouts
+        args.mpo_steps, args.prm_steps, args.mc = min(args.mpo_steps, 4), min(args.prm_steps, 4), min(args.mc, 2)
+    out = Path(args.out).resolve()
+    if not (Path(args.sft) / "config.json").is_file():
+        raise UserError(f"--sft {args.sft}: not a checkpoint directory (run `python train.py` first)")
+    out.mkdir(parents=True, exist_ok=True)
+    timings, t_all = {}, time.time()
+
+    def stage(name, done: Path, fn):
+        if done.exists() and not args.redo:
+            print(f"[{name}] {done} exists; skipped")
+            return
+        t = time.time()
+        print(f"[{name}] ...", flush=True)
+        fn()
+        timings[name] = round(time.time() - t, 1)
+        print(f"[{name}] {timings[name]:.0f}s", flush=True)
+
+    stage("questions", out / "questions" / "eval.jsonl",
+          lambda: make_questions(out, args.n_train, args.n_eval, args.seed))
+    train_q, eval_q = read_jsonl(out / "questions" / "train.jsonl"), read_jsonl(out / "questions" / "eval.jsonl")
+
+    def rollouts():
+        model, tok = load(args.sft)
+        answers = sample(model, tok, out, [(q, "") for q in train_q], args.rollouts, 1.0, args.seed,
+                         args.max_new_tokens)
+        write_jsonl(out / "rollouts.jsonl", [{**q, "answers": a} for q, a in zip(train_q, answers)])
+    stage("rollouts", out / "rollouts.jsonl", rollouts)
+    rolls = read_jsonl(out / "rollouts.jsonl")
+
+    def pairs():
+        rows = make_pairs(rolls, args.pairs_per_question, args.seed, args.reference_chosen)
+        if args.dntp:
+            rows += dntp_pairs(*load(args.sft), out, rolls, args.seed, args.max_new_tokens)
+        if not rows:
+            raise UserError("no preference pairs: no training question got both a right and a wrong sample "
+                            "(more --rollouts, or --reference-chosen)")
+        write_jsonl(out / "pairs" / "pairs.jsonl", rows)
+        meta(out / "pairs" / "meta.json", "pairs.jsonl", length=len(rows))
+    stage("pairs", out / "pairs" / "meta.json", pairs)
+    stage("mpo", out / "mpo" / "ckpt" / "config.json", lambda: run(
+        ["mpo.py", "--init-from", args.sft, "--data", str(out / "pairs" / "meta.json"), "--out-dir",
+         str(out / "mpo"), "--steps", str(args.mpo_steps), "--lr", str(args.mpo_lr), "--seed", str(args.seed)],
+        out / "mpo.log"))
+
+    def prm_data():
+        rows = mc_labels(*load(args.sft), out, rolls, args.prm_per_question, args.mc, args.seed, args.max_new_tokens)
+        write_jsonl(out / "prm" / "prm.jsonl", rows)
+        meta(out / "prm" / "meta.json", "prm.jsonl", length=len(rows))
+    stage("prm data", out / "prm" / "meta.json", prm_data)
+    stage("prm", out / "prm_ckpt" / "ckpt" / "config.json", lambda: run(
+        ["train.py", "--stage", "sft", "--init-from", args.sft, "--sft-meta", str(out / "prm" / "meta.json"),
+         "--out-dir", str(out / "prm_ckpt"), "--sft-steps", str(args.prm_steps), "--eval-per-type", "0",
+         "--seed", str(args.seed)], out / "prm.log"))
+
+    # ---- 7. evaluation
+    t = time.time()
+    greedy = {name: greedy_accuracy(ckpt, out, eval_q, args.max_new_tokens) for name, ckpt in
+              (("sft", args.sft), ("mpo", str(out / "mpo" / "ckpt")))}
+    timings["greedy eval"] = round(time.time() - t, 1)
+    t = time.time()
+    model, tok = load(args.sft)
+    samples = sample(model, tok, out, [(q, "") for q in eval_q], max(NS), args.temperature, args.seed + 10 ** 6,
+                     args.max_new_tokens)
+    timings["best-of-n samples"] = round(time.time() - t, 1)
+    t = time.time()
+    prm, prm_tok = load(str(out / "prm_ckpt" / "ckpt"))
+    step_scores = []
+    for q, answers in zip(eval_q, samples):
+        tiles = tiles_of(q, out, prm.cfg)
+        step_scores.append(prm_step_scores(prm, prm_tok, q["question"], answers, torch.cat(tiles),
+                                           [x.size(0) for x in tiles]))
+    scores = {"prm": [[aggregate(s, "mean") for s in per_q] for per_q in step_scores],
+              "outcome": [[aggregate(s, "last") for s in per_q] for per_q in step_scores]}
+    timings["prm scoring"] = round(time.time() - t, 1)
+    table = best_of_n_table(samples, scores, eval_q)
+    write_jsonl(out / "best_of_n.jsonl", [  # every sample with its grade and step scores, for a closer look
+        {"question": q["question"], "answer": q["answer"], "samples": [
+            {"response": a, "correct": is_correct(a, q["answer"]), "step_scores": [round(x, 4) for x in s]}
+            for a, s in zip(answers, per_q)]} for q, answers, per_q in zip(eval_q, samples, step_scores)])
+
+    results = {"command": " ".join(sys.argv), "questions": {"train": len(train_q), "eval": len(eval_q)},
+               "pairs": sum(1 for _ in open(out / "pairs" / "pairs.jsonl")),
+               "prm_samples": sum(1 for _ in open(out / "prm" / "prm.jsonl")),
+               "greedy": greedy, "best_of_n": table, "temperature": args.temperature, "seconds": timings,
+               "wall_seconds": round(time.time() - t_all, 1), "args": vars(args)}
+    write_json(out / "results.json", results)
+    print(f"\nheld-out chain-of-thought questions: {len(eval_q)} (greedy decoding)")
+    for name, r in greedy.items():
+        print(f"  {name:4s} {100 * r['accuracy']:5.1f}%  ({r['correct']}/{r['n']})")
+    print(f"\nBest-of-N from the SFT model (temperature {args.temperature}), accuracy %:")
+    print("  critic    " + "".join(f"  N={n:<4d}" for n in NS))
+    for name, row in table.items():
+        print(f"  {name:9s} " + "".join(f"  {100 * row[str(n)]:5.1f} " for n in NS))
+    print(f"\n{out / 'results.json'} | stage seconds: {timings}")
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main()

@@ -1,0 +1,62 @@
+"""
+data/reasoning.py: the preference pairs, the Best-of-N table, and a whole tiny run of every stage (so it cannot rot).
+
+    python -m pytest -q tests/test_reasoning.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nanovl3.critic import is_correct
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import reasoning  # noqa: E402  (data/ is on sys.path: conftest.py)
+
+
+def answer(steps: str, x) -> str:
+    return f"{steps}\n\nThe answer is {x}."
+
+
+def test_pairs_put_right_answers_first_and_never_repeat():
+    rollouts = [{"image": ["a.png"], "question": "<image>\nq", "answer": "4",
+                 "answers": [answer("2 + 2 = 4.", 4), answer("2 + 2 = 5.", 5), answer("2 + 1 = 3.", 3),
+                             answer("2 + 2 = 4.", 4)]},
+                {"image": ["b.png"], "question": "<image>\nq", "answer": "1", "answers": [answer("x", 1)] * 3}]
+    pairs = reasoning.make_pairs(rollouts, pairs_per_question=2, seed=0)
+    assert len(pairs) == 1  # one distinct right answer; the second question has no wrong one
+    assert is_correct(pairs[0]["chosen"], "4") and not is_correct(pairs[0]["rejected"], "4")
+    assert pairs[0]["image"] == ["a.png"] and pairs[0]["question"] == "<image>\nq"
+
+
+def test_best_of_n_table_counts_disjoint_groups():
+    items = [{"answer": "1"}]
+    samples = [[answer("s", a) for a in (2, 2, 1, 2, 1, 1, 2, 2)]]
+    prm = [[0.1, 0.2, 0.9, 0.3, 0.8, 0.7, 0.1, 0.0]]  # the critic likes the right answers
+    table = reasoning.best_of_n_table(samples, {"prm": prm}, items)
+    assert table["prm"]["1"] == pytest.approx(3 / 8)  # N=1: the share of right samples
+    assert table["prm"]["2"] == pytest.approx(2 / 4)  # groups (2,2) (1,2) (1,1) (2,2)
+    assert table["prm"]["8"] == 1.0
+    assert table["majority"]["8"] == 0.0  # five of eight say 2
+    assert table["pass@N"]["4"] == 1.0 and table["pass@N"]["2"] == pytest.approx(2 / 4)
+
+
+def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "reasoning.py"), "--sft", str(untrained_ckpt),
+                        "--out", str(tmp_path), "--n-train", "4", "--n-eval", "3", "--rollouts", "2",
+                        "--mpo-steps", "2", "--prm-steps", "2", "--mc", "1", "--max-new-tokens", "12",
+                        "--reference-chosen", "--dntp"],  # a random model is never right: reference answers
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.load(open(tmp_path / "results.json"))
+    assert set(res["greedy"]) == {"sft", "mpo"} and res["questions"] == {"train": 4, "eval": 3}
+    for name in ("prm", "outcome", "majority", "pass@N"):
+        assert set(res["best_of_n"][name]) == {"1", "2", "4", "8"}
+        for n, acc in res["best_of_n"][name].items():
+            assert 0 <= acc <= res["best_of_n"]["pass@N"][n]  # no critic beats the ceiling
+    assert (tmp_path / "mpo" / "ckpt" / "config.json").is_file()
+    assert (tmp_path / "prm_ckpt" / "ckpt" / "config.json").is_file()
+    assert "Best-of-N" in r.stdout
