@@ -8,8 +8,12 @@ Generation: prefill once into a preallocated KV cache, then decode one token at 
 - num_samples > 1 (Best-of-N): the prompt is prefilled ONCE and its cache rows copied N times.
 - sampling: greedy (temperature 0), temperature, top-k, top-p; each row r has its own generator seeded with
   seed + r, so a row samples the same tokens alone or in a batch.
-- the decode step has fixed shapes (one token, a fixed-size cache), so torch.compile captures it once
-  (on CUDA with mode="reduce-overhead": CUDA graphs).
+- eager decode attends over the written slots only (Mask.kv_len), with no mask unless the batch is padded; on CPU
+  it is also the fast path (text.Linear: pre-packed bf16 weights, matrix-vector products spread over the cores).
+  compile=True keeps fixed shapes instead (one token, the whole cache, a causal mask), so torch.compile captures
+  the step once per cache size, rounded up to 256 slots (on CUDA with mode="reduce-overhead": CUDA graphs).
+- the loop has no host sync per step except what the caller asks for: stop tokens (checked every step, every
+  8 steps on CUDA unless streaming) and streaming.
 Shapes: B prompts, R = B * num_samples rows, L padded prompt length, S = L + max_new_tokens cache slots, V vocab.
 """
 
@@ -53,7 +57,7 @@ def left_pad(prompts: list[list[int]], device):
     return ids.to(device), positions.to(device), doc.to(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None = None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=(),
              num_samples: int = 1, stream: Callable[[list[int]], None] | None = None, compile: bool = False
@@ -75,7 +79,8 @@ def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None 
 
     # ---- prefill: the whole prompt in one forward, keys/values written to slots 0..L-1
     x = model.embed(ids, pixel_values)  # [B, L, C]
-    cache = KVCache(model.cfg.text, B, S, device, x.dtype)
+    # a compiled step is specialised to the cache size: round it up so that prompts of similar lengths share one
+    cache = KVCache(model.cfg.text, B, -(-S // 256) * 256 if compile else S, device, x.dtype)
     cache.doc[:, :L] = doc
     padded = bool((doc < 0).any())
     mask = Mask(torch.arange(L, device=device).expand(B, L), doc if padded else None, doc if padded else None)
@@ -89,27 +94,42 @@ def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None 
         positions = positions.repeat_interleave(num_samples, dim=0)
     R = logits.size(0)
     generators = [torch.Generator(device=device).manual_seed(seed + r) for r in range(R)]
-    step = torch.compile(model.step, mode="reduce-overhead" if device.type == "cuda" else None) if compile else model.step
+    step = model.step
+    if compile and device.type == "cuda":
+        step = torch.compile(model.step, mode="reduce-overhead")  # CUDA graphs: one launch per step
+        for t in cache.k + cache.v + [cache.doc]:  # graphs replay fixed addresses: the cache is updated in place
+            torch._dynamo.mark_static_address(t)
+    elif compile:
+        step = torch.compile(model.step)
 
-    # ---- decode
-    pos = positions[:, -1:].float()  # [R, 1] last real position of each row
-    doc_q = torch.zeros(R, 1, dtype=torch.long, device=device)
+    # ---- decode. Per-step tensors are updated in place: nothing is allocated for the mask, slot or positions.
+    pos = positions[:, -1:].to(torch.float32, copy=True)  # [R, 1] last real position of each row
+    slot = torch.tensor([L - 1], device=device)  # [1] the cache slot this step writes
+    q_slot = torch.full((R, 1), L - 1, device=device)  # [R, 1] the same slot, per row (masks)
+    doc_q = torch.zeros(R, 1, dtype=torch.long, device=device) if padded else None  # padding needs doc masks
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    check_every = 8 if device.type == "cuda" and stream is None else 1  # each check is a host sync
     out, done = [], torch.zeros(R, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generators)  # [R]
         out.append(nxt)
         if stream is not None:
             stream(nxt.tolist())
-        done |= torch.isin(nxt, stop)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1:
             break
-        slot = L + t
-        cache.doc[:, slot] = 0
-        pos = pos + 1
+        if stop_ids:
+            done |= torch.isin(nxt, stop)
+            if (t + 1) % check_every == 0 and bool(done.all()):
+                break
+        slot += 1
+        q_slot += 1
+        pos += 1
+        if padded:
+            cache.doc[:, L + t] = 0
         x = model.language_model.model.embed_tokens(nxt[:, None])  # [R, 1, C]
-        mask = Mask(torch.full((R, 1), slot, device=device), doc_q, cache.doc)
-        logits = step(x, pos, mask, cache, torch.tensor([slot], device=device))
+        # eager: read slots 0..L+t only; compiled: the whole buffer, future slots masked by causality
+        mask = Mask(q_slot, doc_q, cache.doc if padded else None, kv_len=None if compile else L + t + 1)
+        logits = step(x, pos, mask, cache, slot)
     tokens = torch.stack(out, dim=1).tolist()  # [R, t]
     stop_set = set(stop_ids)
     return [row[:next((i for i, tok in enumerate(row) if tok in stop_set), len(row))] for row in tokens]

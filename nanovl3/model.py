@@ -16,7 +16,6 @@ import os
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanovl3.attention import Mask, causal_mask
@@ -171,8 +170,11 @@ class InternVL(nn.Module):
     def from_pretrained(cls, ckpt_dir: str, dtype=None, device=None) -> "InternVL":
         """Load a released (or our own) checkpoint directory in either layout.
 
-        dtype/device None: bf16 on CUDA, fp32 on CPU. The model is built on the meta device and every tensor is
-        read once (memory-mapped) and cast into place, so peak memory stays near one copy of the weights.
+        dtype/device None: bf16 on CUDA, fp32 on CPU. The model is built on the meta device and given uninitialised
+        memory in the requested dtype (one copy of the weights); every tensor of the files is then read straight
+        into its parameter, converted per tensor when the file holds another dtype. Peak memory: the weights plus
+        the largest tensor (plain reads, not a memory map, so the file's pages never count as the process's).
+        Keys and shapes are all checked before any data is read.
         """
         device = pick_device(device) if not isinstance(device, torch.device) else device
         dtype = pick_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype
@@ -182,19 +184,13 @@ class InternVL(nn.Module):
             cfg.image_token_id = tok_id
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if cfg.text.tie_word_embeddings:
-            expected.pop("language_model.lm_head.weight")
-        state = {}
-        for path, keys in _weight_files(ckpt_dir):
-            state.update(_read_safetensors(path, keys, dtype, device))
-        state = to_original_names(state, cfg)
-        if cfg.text.tie_word_embeddings:
-            state.pop("language_model.lm_head.weight", None)
-        _check_keys(state, expected, ckpt_dir)
-        model.load_state_dict(state, strict=False, assign=True)
-        if cfg.text.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
+        model = model.to(dtype).to_empty(device=device)  # allocated, not touched: costs no memory until read into
+        if cfg.text.tie_word_embeddings:  # to_empty gave the shared Parameter two storages: tie again
             model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+        params = {k: p.detach() for k, p in model.named_parameters()}  # a tied head is listed once, as embed_tokens
+        with torch.no_grad():
+            for path, items in _load_plan(ckpt_dir, params, cfg.text.tie_word_embeddings):
+                _read_into(path, items)
         return model.eval()
 
     def save_pretrained(self, out_dir: str, layout: str = "original", tokenizer=None):
@@ -252,31 +248,40 @@ def _rename(key: str, pairs, reverse: bool = False) -> str:
     return key
 
 
+def original_key(key: str) -> tuple[str, int | None]:
+    """A key of either layout -> (our name, None), or for a -hf ViT q/k/v piece (the fused qkv name, 0/1/2)."""
+    for a, b in HF_IN_MEMORY:
+        if key.startswith(a):
+            key = b + key[len(a):]
+            break
+    if not key.startswith(("vision_tower.", "multi_modal_projector.")):
+        return key, None
+    key = _rename(key, KEY_TABLE, reverse=True)
+    for i, part in enumerate("qkv"):
+        piece = f".attention.{part}_proj."
+        if piece in key:  # vision_model.encoder.layers.3.attention.q_proj.weight -> rows i of ...attn.qkv.weight
+            return key.replace(piece, ".attn.qkv."), i
+    return key, None
+
+
 def to_original_names(state: dict, cfg: VLConfig) -> dict:
     """Rename a state dict of either layout to ours (= the original layout); fuse the -hf q/k/v of the ViT."""
     out, qkv = {}, {}
     for k, v in state.items():
-        for a, b in HF_IN_MEMORY:
-            if k.startswith(a):
-                k = b + k[len(a):]
-                break
-        if k.startswith(("vision_tower.", "multi_modal_projector.")):
-            k = _rename(k, KEY_TABLE, reverse=True)
-            for part in ("q", "k", "v"):
-                piece = f".attention.{part}_proj."
-                if piece in k:  # vision_model.encoder.layers.3.attention.q_proj.weight
-                    fused = k.replace(piece, ".attn.qkv.")
-                    qkv.setdefault(fused, {})[part] = v
-                    break
-            else:
-                out[k] = v
+        name, part = original_key(k)
+        if part is None:
+            out[name] = v
         else:
-            out[k] = v
+            qkv.setdefault(name, {})[part] = v
     for k, parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise UserError(f"checkpoint: {k}: found only the {sorted(parts)} parts of q/k/v")
-        out[k] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # rows [q; k; v]
+        _check_qkv(k, parts)
+        out[k] = torch.cat([parts[0], parts[1], parts[2]], dim=0)  # rows [q; k; v]
     return out
+
+
+def _check_qkv(name: str, parts: dict):
+    if set(parts) != {0, 1, 2}:
+        raise UserError(f"checkpoint: {name}: found only the {sorted('qkv'[i] for i in parts)} parts of q/k/v")
 
 
 def to_hf_names(state: dict) -> dict:
@@ -335,20 +340,88 @@ def _weight_files(ckpt_dir: str) -> list[tuple[str, list[str] | None]]:
     raise UserError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def _read_safetensors(path: str, keys, dtype, device) -> dict:
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def _read_header(path: str) -> dict[str, tuple[torch.dtype, list[int], int]]:
+    """The index of a .safetensors file -> {key: (dtype, shape, byte offset in the file)}.
+
+    The format: 8 bytes little-endian header length n, n bytes of JSON {key: {dtype, shape, data_offsets}}, data.
+    """
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing weight file (named in the index)")
-    out = {}
+    size = os.path.getsize(path)
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for k in keys if keys is not None else f.keys():
-                out[k] = f.get_tensor(k).to(device=device, dtype=dtype)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})")
-    return out
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit in {size} bytes")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        out = {}
+        for key, e in header.items():
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[e["dtype"]], list(e["shape"]), e["data_offsets"]
+            if not 0 <= begin <= end <= size - 8 - n or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{key}: data offsets {[begin, end]} do not fit the file")
+            out[key] = (dtype, shape, 8 + n + begin)
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise UserError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {e})")
+
+
+def _load_plan(ckpt_dir: str, params: dict, tied: bool) -> list[tuple[str, list]]:
+    """[(file, [(offset, file dtype, destination tensor)])]: where each parameter's bytes are, all checked first."""
+    found = {}  # our name -> {part (None, or 0/1/2 of a -hf q/k/v): (file, offset, dtype, shape)}
+    for path, keys in _weight_files(ckpt_dir):
+        header = _read_header(path)
+        for k in keys if keys is not None else header:
+            if k not in header:
+                raise UserError(f"{path}: corrupt or truncated safetensors file (no tensor {k}, which the index names)")
+            name, part = original_key(k)
+            if not (tied and name == "language_model.lm_head.weight"):  # a tied head is embed_tokens
+                dtype, shape, offset = header[k]
+                found.setdefault(name, {})[part] = (path, offset, dtype, shape)
+    shapes = {}
+    for name, parts in found.items():
+        if None not in parts:  # the fused ViT qkv: rows [q; k; v]
+            _check_qkv(name, parts)
+            shapes[name] = [sum(parts[i][3][0] for i in range(3))] + parts[0][3][1:]
+        else:
+            shapes[name] = parts[None][3]
+    _check_keys(shapes, {k: list(p.shape) for k, p in params.items()}, ckpt_dir)
+    plan = {}
+    for name, parts in found.items():
+        row = 0
+        for part in [None] if None in parts else [0, 1, 2]:
+            path, offset, dtype, shape = parts[part]
+            dst = params[name] if part is None else params[name][row:row + shape[0]]  # contiguous rows
+            row += shape[0]
+            plan.setdefault(path, []).append((offset, dtype, dst))
+    return [(path, sorted(items, key=lambda it: it[0])) for path, items in plan.items()]
+
+
+def _read_into(path: str, items: list):
+    """Read each (offset, file dtype, destination) of one file, in file order: straight into the parameter when
+    the dtypes match on CPU, else into a buffer of that one tensor, converted by copy_."""
+    with open(path, "rb", buffering=0) as f:
+        for offset, dtype, dst in items:
+            buf = dst if dst.dtype == dtype and dst.device.type == "cpu" else torch.empty(dst.shape, dtype=dtype)
+            view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, writable
+            f.seek(offset)
+            done = 0
+            while done < len(view):  # one read returns at most ~2 GB
+                n = f.readinto(view[done:])
+                if not n:
+                    raise UserError(f"{path}: corrupt or truncated safetensors file (ends inside a tensor)")
+                done += n
+            if buf is not dst:
+                dst.copy_(buf)
 
 
 def _check_keys(state: dict, expected: dict, ckpt_dir: str):
+    """state, expected: {name: shape}."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -361,8 +434,8 @@ def _check_keys(state: dict, expected: dict, ckpt_dir: str):
             msg.append(f"{len(unexpected)} unexpected keys: {few(unexpected)}")
         raise UserError(" ".join(msg))
     for k, shape in expected.items():
-        if state[k].shape != shape:
-            raise UserError(f"{ckpt_dir}: {k} has shape {list(state[k].shape)}, the config implies {list(shape)}")
+        if list(state[k]) != list(shape):
+            raise UserError(f"{ckpt_dir}: {k} has shape {list(state[k])}, the config implies {list(shape)}")
 
 
 def _tokenizer_image_token_id(ckpt_dir: str) -> int | None:

@@ -19,6 +19,41 @@ from nanovl3.config import TextConfig
 # -----------------------------------------------------------------------------
 # building blocks
 
+# oneDNN can pre-pack a bf16 weight into its blocked layout (what Inductor's freezing does for CPU inference)
+_PACKED_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class Linear(nn.Linear):
+    """nn.Linear with two fast paths for CPU inference, where a decode step is a chain of matrix-vector products.
+
+    - bf16: multiply by a copy of the weight pre-packed for oneDNN (what Inductor's freezing does): 2.2x faster
+      for one row (896x4864: 0.11 vs 0.24 ms), 1.1x for a prompt, bit-identical. The copy is made once per weight
+      version (an optimizer step makes a new one) and costs one more copy of these weights.
+    - fp32, one row: MKL runs a matrix-vector product on one core; split the weight's rows into one block per
+      thread and multiply them in one batched call, which runs a block per core: 1.9x (bit-identical on the
+      shapes we checked; up to 1 ulp on a 150k-row head).
+    """
+
+    def forward(self, x):
+        w, b = self.weight, self.bias
+        if w.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return F.linear(x, w, b)  # training, GPUs and compiled code: the plain product
+        if _PACKED_BF16 and w.dtype == torch.bfloat16:
+            key = (w.data_ptr(), w._version)
+            if getattr(self, "_packed_key", None) != key:
+                self._packed, self._packed_key = torch.ops.mkldnn._reorder_linear_weight(w, 1), key
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, b, "none", [], "")
+        n, (N, K) = torch.get_num_threads(), w.shape
+        if w.dtype == torch.float32 and x.numel() == K and n > 1 and N % n == 0:
+            blocks = w.view(n, N // n, K).transpose(1, 2)  # [n, K, N/n]
+            x1 = x.reshape(1, 1, K).expand(n, 1, K)  # [n, 1, K]: the same row for every block
+            y = torch.bmm(x1, blocks) if b is None else torch.baddbmm(b.view(n, 1, N // n), x1, blocks)  # [n, 1, N/n]
+            return y.view(*x.shape[:-1], N)
+        return F.linear(x, w, b)
+
+    def __getstate__(self):  # deepcopy / pickle: the packed copy is a cache, and oneDNN's tensors cannot be copied
+        return {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_packed_key")}
+
 
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32, result cast back before the weight (as Qwen2 does)."""
@@ -29,31 +64,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # F.rms_norm: fewer dispatches than spelling it out, and bit-identical to x * rsqrt(mean(x^2) + eps) on CPU
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
-    """positions float [B,T] -> cos, sin [B,T,D] ("rotate-half" layout: the D/2 frequencies repeated twice).
+    """positions float [B,T] -> cos, sin [B,1,T,D] ("rotate-half" layout: the D/2 frequencies repeated twice).
 
     angle = position * theta^(-2k/D): positions may be fractional (V2PE), nothing else changes.
+    The first half of sin is negated here, once per forward, so that apply_rope needs no negation per layer.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq  # [B, T, D/2], fp32
-    emb = torch.cat([angles, angles], dim=-1)  # [B, T, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    cos = torch.cat([cos, cos], dim=-1)  # [B, T, D]
+    sin = torch.cat([-sin, sin], dim=-1)  # [B, T, D]: signed for rotate-half
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # [B, 1, T, D]: broadcast over heads
 
 
 def apply_rope(x, cos, sin):
-    """x [B,H,T,D]; cos/sin [B,T,D] broadcast over heads."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """x [B,H,T,D] -> x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+
+    With the sign folded into sin, rotate_half is a roll by D/2 ([x2, x1]); -a*b == a*(-b) exactly, so the numbers
+    are the reference's bit for bit.
+    """
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 # -----------------------------------------------------------------------------
@@ -90,10 +125,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C = cfg.hidden_size
-        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        self.q_proj = Linear(C, self.n_head * self.head_dim, bias=True)
+        self.k_proj = Linear(C, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = Linear(C, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_head * self.head_dim, C, bias=False)
 
     def forward(self, x, cos, sin, mask: Mask, cache: KVCache | None, layer: int, slots, prefill: bool):
         B, T, C = x.shape
@@ -118,9 +153,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -159,7 +194,7 @@ class Qwen2(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Qwen2Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

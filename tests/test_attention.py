@@ -6,6 +6,8 @@ The flex_attention path and the eager (SDPA) path give the same numbers, for eve
 Compiled flex on CPU costs ~20 s of compilation the first time; the rest is fast.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -104,3 +106,46 @@ def test_model_flex_equals_eager(compiled, monkeypatch):
     for e, f in zip(eager, flex):  # 1e-5 per attention call (above); through 7 layers, the parity bound
         assert (e - f).abs().max().item() <= 1e-4
     assert (eager[0] - eager[1]).abs().max().item() > 1e-3  # the packed mask really changes attention
+
+
+@pytest.mark.parametrize("kind", ["full", "causal", "left_pad"])
+def test_per_head_low_precision_path(kind):
+    """bf16 inference on CPU goes one head at a time (per_head_attention): within bf16 rounding of the fp32 math,
+    and as close to it as ATen's own bf16 kernel is."""
+    q, k, v = qkv()
+    mask = masks(2, 40)[kind]
+    want = reference_attention(q, k, v, None if mask is None else mask.dense(40))
+    with torch.no_grad():
+        got = A.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float()
+        sdpa = A.F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), enable_gqa=True,
+                                                attn_mask=None if mask is None else mask.dense(40)).float()
+    assert (got - want).abs().max().item() <= 4 * max((sdpa - want).abs().max().item(), 2 ** -8)
+
+
+def test_decode_reads_only_written_slots():
+    """kv_len: the same numbers as masking the unwritten slots, with or without padding."""
+    q, k, v = qkv(T=1, S=40)
+    doc = torch.zeros(2, 40, dtype=torch.long)
+    doc[0, :4] = -1
+    for doc_q, doc_kv in [(None, None), (torch.zeros(2, 1, dtype=torch.long), doc)]:
+        full = A.attention(q, k, v, A.Mask(torch.full((2, 1), 29), doc_q, doc_kv))
+        sliced = A.attention(q, k, v, A.Mask(torch.full((2, 1), 29), doc_q, doc_kv, kv_len=30))
+        assert (full - sliced).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_linear_paths_are_exact(dtype):
+    """text.Linear's CPU inference paths (bf16: pre-packed weight; fp32: one row split over threads) equal
+    F.linear, and the packed copy follows in-place weight updates."""
+    from nanovl3.text import Linear
+    torch.manual_seed(0)
+    lin = Linear(64, 96).to(dtype)
+    for shape in [(1, 64), (2, 1, 64), (3, 5, 64)]:
+        x = torch.randn(*shape, dtype=dtype)
+        with torch.no_grad():
+            assert torch.equal(lin(x), A.F.linear(x, lin.weight, lin.bias))
+    with torch.no_grad():
+        lin.weight.mul_(2)  # an optimizer step: the packed copy must be rebuilt
+        x = torch.randn(1, 64, dtype=dtype)
+        assert torch.equal(lin(x), A.F.linear(x, lin.weight, lin.bias))
+        assert torch.equal(copy.deepcopy(lin)(x), lin(x))  # the cache is not copied (oneDNN tensors cannot be)
