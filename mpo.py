@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 from nanovl3.chat import Tokenizer
 from nanovl3.common import UserError, atomic_path, pick_dtype, print0, user_errors
-from nanovl3.data import DataConfig, SampleStream, collate_padded, read_meta
+from nanovl3.data import SampleStream, collate_padded, read_meta
 from nanovl3.losses import RunningMean, lm_loss, mpo_loss, sequence_logps
 from nanovl3.model import InternVL
-from nanovl3.training import (Logger, all_reduce_mean, dist_init, evaluate, load_eval_items, load_train_state,
-                              lr_factor, make_optimizer, param_groups, restore_run, save_run, set_lr)
+from nanovl3.training import (Logger, all_reduce_mean, data_config, dist_init, evaluate, load_eval_items,
+                              load_train_state, lr_factor, make_optimizer, param_groups, restore_run, save_run,
+                              set_lr)
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -94,9 +95,7 @@ def make_stream() -> SampleStream:
         if spec.kind not in ("sft", "preference"):
             raise UserError(f"{args.data}: dataset '{spec.name}' has kind '{spec.kind}', not preference data")
         spec.kind = "preference"
-    dcfg = DataConfig(tokens_per_tile=raw.cfg.num_image_token, image_size=raw.cfg.vision.image_size,
-                      max_dynamic_patch=raw.cfg.max_dynamic_patch if args.max_tiles < 0 else args.max_tiles,
-                      use_thumbnail=raw.cfg.use_thumbnail, max_seq_len=args.max_seq_len)
+    dcfg = data_config(raw.cfg, args.max_tiles, args.max_seq_len)
     return SampleStream(specs, tok, dcfg, seed=args.seed, rank=rank, world_size=world, skip_bad=args.skip_bad_samples)
 
 

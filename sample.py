@@ -27,7 +27,7 @@ from nanovl3.chat import ASSISTANT, SEP, USER, Tokenizer, render_prompt
 from nanovl3.common import UserError, eprint, user_errors
 from nanovl3.critic import best_of_n, final_answer, load_critic, score_responses
 from nanovl3.generate import generate
-from nanovl3.image import find_grid, load_image
+from nanovl3.image import find_grid, load_images
 from nanovl3.model import InternVL
 
 # -----------------------------------------------------------------------------
@@ -82,11 +82,8 @@ class StreamPrinter:
 
 
 def load_tiles(paths: list[str], cfg) -> tuple[list[torch.Tensor], list[int]]:
-    """Image files -> tiles [N_k,3,S,S] per image and N_k, cut for the model config `cfg`."""
-    max_tiles = cfg.max_dynamic_patch if args.max_tiles < 0 else args.max_tiles
-    tiles = [load_image(p, max_num=max_tiles, image_size=cfg.vision.image_size, use_thumbnail=cfg.use_thumbnail)
-             for p in paths]
-    return tiles, [t.size(0) for t in tiles]
+    """Image files -> tiles [N_k,3,S,S] per image and N_k, cut for the model config `cfg` and --max-tiles."""
+    return load_images(paths, cfg, None if args.max_tiles < 0 else args.max_tiles)
 
 
 def main():

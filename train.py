@@ -28,12 +28,12 @@ from tqdm import tqdm
 from nanovl3.chat import Tokenizer
 from nanovl3.common import UserError, atomic_path, pick_dtype, print0, user_errors
 from nanovl3.config import preset
-from nanovl3.data import DataConfig, PackedStream, SampleStream, collate_packed, read_jsonl, read_meta
+from nanovl3.data import PackedStream, SampleStream, collate_packed, read_jsonl, read_meta
 from nanovl3.losses import lm_loss
 from nanovl3.model import InternVL, v2pe_position_ids
-from nanovl3.training import (Logger, all_reduce_mean, dist_init, evaluate, flops_per_tile, flops_per_token,
-                              load_eval_items, load_train_state, lr_factor, make_optimizer, measure_peak_flops,
-                              param_groups, restore_run, save_run, set_lr)
+from nanovl3.training import (Logger, all_reduce_mean, data_config, dist_init, evaluate, flops_per_tile,
+                              flops_per_token, load_eval_items, load_train_state, lr_factor, make_optimizer,
+                              measure_peak_flops, param_groups, restore_run, save_run, set_lr)
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -155,9 +155,7 @@ def load_llm_only(model: InternVL, path: str, device):
 
 
 def make_stream(meta: str, text_ratio) -> PackedStream:
-    dcfg = DataConfig(tokens_per_tile=raw.cfg.num_image_token, image_size=raw.cfg.vision.image_size,
-                      max_dynamic_patch=raw.cfg.max_dynamic_patch if args.max_tiles < 0 else args.max_tiles,
-                      use_thumbnail=raw.cfg.use_thumbnail, max_seq_len=args.max_seq_len)
+    dcfg = data_config(raw.cfg, args.max_tiles, args.max_seq_len)
     specs = read_meta(meta)
     for spec in specs:
         if spec.kind == "preference":

@@ -41,8 +41,9 @@ from nanovl3.common import UserError, atomic_path, user_errors  # noqa: E402
 from nanovl3.critic import (aggregate, best_of_n, is_correct, majority_vote, prm_conversation,  # noqa: E402
                             prm_step_scores, split_steps)
 from nanovl3.generate import generate  # noqa: E402
-from nanovl3.image import load_image  # noqa: E402
+from nanovl3.image import load_images  # noqa: E402
 from nanovl3.model import InternVL  # noqa: E402
+from nanovl3.training import evaluate  # noqa: E402
 
 QTYPES = {"arith_two": 0.4, "arith_add": 0.3, "count_cot": 0.3}  # the toy world's chain-of-thought questions
 NS = (1, 2, 4, 8)
@@ -99,8 +100,7 @@ def make_questions(out: Path, n_train: int, n_eval: int, seed: int):
 
 
 def tiles_of(item, out: Path, cfg) -> list[torch.Tensor]:
-    return [load_image(out / p, max_num=cfg.max_dynamic_patch, image_size=cfg.vision.image_size,
-                       use_thumbnail=cfg.use_thumbnail) for p in item["image"]]
+    return load_images([out / p for p in item["image"]], cfg)[0]
 
 
 def sample(model, tok, out: Path, jobs: list[tuple[dict, str]], n: int, temperature: float, seed: int,
@@ -206,11 +206,13 @@ def mc_labels(model, tok, out: Path, rollouts: list[dict], per_question: int, m:
 
 
 def greedy_accuracy(ckpt: str, out: Path, items: list[dict], max_new_tokens: int = 96) -> dict:
+    """Greedy accuracy, by the held-out evaluation train.py and mpo.py run (training.evaluate)."""
     model, tok = load(ckpt)
-    answers = [a[0] for a in sample(model, tok, out, [(it, "") for it in items], 1, 0.0, 0, max_new_tokens)]
-    correct = [is_correct(a, it["answer"]) for a, it in zip(answers, items)]
-    return {"accuracy": sum(correct) / len(items), "n": len(items), "correct": sum(correct),
-            "examples": answers[:3]}
+    res = evaluate(model, tok, [{**it, "image": [str(out / p) for p in it["image"]], "cot": True} for it in items],
+                   cot_tokens=max_new_tokens)
+    correct = sum(r["correct"] for r in res["types"].values())
+    return {"accuracy": correct / len(items), "n": len(items), "correct": correct, "types": res["types"],
+            "examples": [e["response"] for e in res["examples"][:3]]}
 
 
 def best_of_n_table(samples: list[list[str]], scores: dict, items: list[dict]) -> dict:

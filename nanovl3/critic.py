@@ -149,10 +149,7 @@ def prm_step_scores(prm: InternVL, tok: Tokenizer, question: str, responses: lis
     rows = [prm_inputs(tok, question, split_steps(r, max_steps), list(num_tiles), prm.cfg.num_image_token)
             for r in responses]
     # every row shows the same image: run the ViT once and write its features into each row
-    vit = None
-    if pixel_values is not None:
-        vit = prm.extract_feature(pixel_values.to(device=device, dtype=dtype))  # [N, P/4, C]
-        vit = vit.reshape(-1, vit.size(-1))  # [N*P/4, C]
+    vit = None if pixel_values is None else prm.extract_feature(pixel_values.to(device=device, dtype=dtype))
 
     scores = []
     for b in range(0, len(rows), batch_size):
@@ -162,14 +159,7 @@ def prm_step_scores(prm: InternVL, tok: Tokenizer, question: str, responses: lis
         for r, (row_ids, _) in enumerate(chunk):
             ids[r, :len(row_ids)] = torch.tensor(row_ids)
         ids = ids.to(device)
-        x = prm.language_model.model.embed_tokens(ids)  # [B, T, C]
-        is_ctx = ids == prm.cfg.image_token_id  # [B, T]
-        n_vit = 0 if vit is None else vit.size(0)
-        if int(is_ctx.sum()) != B * n_vit:
-            raise UserError(f"prm_step_scores: the question has {int(is_ctx.sum()) // B} image tokens per row but "
-                            f"the tiles give {n_vit} features")
-        if vit is not None:
-            x = x.masked_scatter(is_ctx[..., None], vit.to(x.dtype).repeat(B, 1))  # row-major: each row its copy
+        x = prm.embed(ids, features=None if vit is None else vit.repeat(B, 1, 1))  # [B, T, C]: each row its copy
         pos_ids = torch.arange(T, device=device).expand(B, T)  # real tokens 0..n-1 as in SFT
         # padding sits to the right of every real token, so a causal mask alone keeps it out of sight (no doc ids)
         h = prm.language_model(x, pos_ids, causal_mask(B, T, device))  # [B, T, C]

@@ -138,3 +138,11 @@ def load_image(path, max_num: int = 12, image_size: int = 448, use_thumbnail: bo
                augment_rng: random.Random | None = None) -> torch.Tensor:
     """Image file -> FloatTensor [N,3,S,S] of InternVL tiles, as the original `load_image` of the model card."""
     return preprocess_image(open_image(path), max_num, image_size, use_thumbnail, augment_rng)
+
+
+def load_images(paths, cfg, max_num: int | None = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Image files -> (tiles [N_k,3,S,S] of each image, N_k), cut as the model config `cfg` says; max_num
+    overrides its max_dynamic_patch."""
+    tiles = [load_image(p, cfg.max_dynamic_patch if max_num is None else max_num, cfg.vision.image_size,
+                        cfg.use_thumbnail) for p in paths]
+    return tiles, [t.size(0) for t in tiles]

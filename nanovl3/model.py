@@ -114,20 +114,23 @@ class InternVL(nn.Module):
         x = x.reshape(N, -1, 4 * Cv)  # [N, P/4, 4Cv]
         return self.mlp1(x)  # [N, P/4, C]
 
-    def embed(self, input_ids, pixel_values=None, image_flags=None) -> torch.Tensor:
+    def embed(self, input_ids, pixel_values=None, image_flags=None, features=None) -> torch.Tensor:
         """Token embeddings [B,T,C] with <IMG_CONTEXT> rows replaced by visual tokens, in order (SPEC §1.7).
+
+        features [N,P/4,C]: visual tokens already computed by extract_feature, instead of pixel_values (the PRM
+        scores many rows of one question and runs the ViT once).
 
         image_flags [N] (training): tiles flagged 0 are padding/dummy tiles (text-only samples); their features are
         dropped, but kept in the graph with weight zero so every ViT parameter gets a (zero) gradient and DDP
         needs no find_unused_parameters.
         """
         x = self.language_model.model.embed_tokens(input_ids)  # [B, T, C]
-        if pixel_values is None:
+        if pixel_values is None and features is None:
             n_ctx = int((input_ids == self.cfg.image_token_id).sum())
             if n_ctx:
                 raise UserError(f"the input has {n_ctx} image tokens but no pixel_values were given")
             return x
-        vit = self.extract_feature(pixel_values).to(x.dtype)  # [N, P/4, C]
+        vit = (self.extract_feature(pixel_values) if features is None else features).to(x.dtype)  # [N, P/4, C]
         if image_flags is not None:
             keep = image_flags.bool()
             x = x + 0.0 * vit[~keep].sum()

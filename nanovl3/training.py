@@ -125,6 +125,14 @@ def save_checkpoint(path: str, model, tokenizer, train_state: dict):
         torch.save(train_state, os.path.join(tmp, "train_state.pt"))
 
 
+def data_config(cfg, max_tiles: int, max_seq_len: int):
+    """The DataConfig a model config implies (tile size, tokens per tile, thumbnail); max_tiles -1 = the config's."""
+    from nanovl3.data import DataConfig
+    return DataConfig(tokens_per_tile=cfg.num_image_token, image_size=cfg.vision.image_size,
+                      max_dynamic_patch=cfg.max_dynamic_patch if max_tiles < 0 else max_tiles,
+                      use_thumbnail=cfg.use_thumbnail, max_seq_len=max_seq_len)
+
+
 def save_run(path: str, model, tokenizer, stream, train_state: dict, rank: int, world: int):
     """save_checkpoint from rank 0 with every rank's data cursor and RNG state (each rank draws its own data).
     Every rank must call it (it gathers)."""
@@ -244,7 +252,7 @@ def evaluate(model, tok, items: list[dict], batch_size: int = 16, max_per_type: 
     from nanovl3.chat import render_prompt
     from nanovl3.critic import is_correct
     from nanovl3.generate import generate
-    from nanovl3.image import load_image
+    from nanovl3.image import load_images
     cfg = model.cfg
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -265,10 +273,9 @@ def evaluate(model, tok, items: list[dict], batch_size: int = 16, max_per_type: 
             batch = group[i:i + batch_size]
             prompts, tiles = [], []
             for it in batch:
-                t = [load_image(p, max_num=cfg.max_dynamic_patch, image_size=cfg.vision.image_size,
-                                use_thumbnail=cfg.use_thumbnail) for p in it["image"]]
+                t, num_tiles = load_images(it["image"], cfg)
                 tiles += t
-                prompts.append(tok.encode(render_prompt(it["question"], [x.size(0) for x in t], cfg.num_image_token)))
+                prompts.append(tok.encode(render_prompt(it["question"], num_tiles, cfg.num_image_token)))
             pix = torch.cat(tiles).to(device=device, dtype=dtype) if tiles else None
             outs = generate(model, prompts, pix, max_new_tokens=cot_tokens if cot else short_tokens,
                             stop_ids=tok.stop_ids)
