@@ -51,6 +51,9 @@ parser.add_argument("--show-scores", action="store_true", help="with --best-of: 
 # images
 parser.add_argument("--max-tiles", type=int, default=-1,
                     help="most 448-px tiles per image, thumbnail excluded (-1 = the checkpoint's max_dynamic_patch)")
+parser.add_argument("--split-tiles", action="store_true",
+                    help="share --max-tiles among the images as training does (toy checkpoints), instead of the "
+                         "model card's full budget for every image")
 # runtime
 parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
 parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -83,7 +86,7 @@ class StreamPrinter:
 
 def load_tiles(paths: list[str], cfg) -> tuple[list[torch.Tensor], list[int]]:
     """Image files -> tiles [N_k,3,S,S] per image and N_k, cut for the model config `cfg` and --max-tiles."""
-    return load_images(paths, cfg, None if args.max_tiles < 0 else args.max_tiles)
+    return load_images(paths, cfg, None if args.max_tiles < 0 else args.max_tiles, split=args.split_tiles)
 
 
 def main():

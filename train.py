@@ -16,7 +16,6 @@ Checkpoints (`<out-dir>/ckpt`) load directly in sample.py and resume exactly wit
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -28,12 +27,12 @@ from tqdm import tqdm
 from nanovl3.chat import Tokenizer
 from nanovl3.common import UserError, atomic_path, pick_dtype, print0, user_errors
 from nanovl3.config import preset
-from nanovl3.data import PackedStream, SampleStream, collate_packed, read_jsonl, read_meta
+from nanovl3.data import PackedStream, SampleStream, collate_packed, read_meta
 from nanovl3.losses import lm_loss
-from nanovl3.model import InternVL, v2pe_position_ids
+from nanovl3.model import InternVL, count_images, v2pe_position_ids
 from nanovl3.training import (Logger, all_reduce_mean, data_config, dist_init, evaluate, flops_per_tile,
                               flops_per_token, load_eval_items, load_train_state, lr_factor, make_optimizer,
-                              measure_peak_flops, param_groups, restore_run, save_run, set_lr)
+                              measure_peak_flops, param_groups, restore_run, save_run, set_lr, text_perplexity)
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -82,8 +81,10 @@ parser.add_argument("--lr-llm", type=float, default=-1, help="LLM learning rate 
 parser.add_argument("--weight-decay", type=float, default=0.05)
 parser.add_argument("--warmup-ratio", type=float, default=0.03, help="share of a stage's steps for linear warmup")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (-1 = off)")
-parser.add_argument("--v2pe", action="store_true", help="V2PE in pre-training: δ per image drawn from {1,...,1/256}")
-parser.add_argument("--v2pe-delta", type=float, default=-1, help="a fixed V2PE δ instead of a random one")
+parser.add_argument("--v2pe", action="store_true",
+                    help="V2PE in the stages run: δ per image drawn from {1,...,1/256}; evaluation uses δ = 1")
+parser.add_argument("--v2pe-delta", type=float, default=-1,
+                    help="a fixed V2PE δ instead of a random one, in training and in evaluation")
 # logging / evaluation
 parser.add_argument("--log-interval", type=int, default=25, help="steps between log lines")
 parser.add_argument("--eval-interval", type=int, default=-1, help="steps between evaluations (-1 = only at stage ends)")
@@ -99,12 +100,11 @@ def resolve_paths():
     """Fill default data paths from --data-dir, generating the toy world when it is absent."""
     d = args.data_dir
     toy = not (args.pretrain_meta or args.sft_meta)
-    if toy and not os.path.isfile(os.path.join(d, "DONE")):
+    if toy:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
         import toyworld
-        print0(f"generating the toy world in {d} ...")
         if rank == 0:
-            toyworld.generate(d, seed=0)
+            toyworld.ensure(d)
     if ddp:  # every rank waits here, whether or not it saw the data missing
         torch.distributed.barrier()
     args.pretrain_meta = args.pretrain_meta or os.path.join(d, "pretrain", "meta.json")
@@ -172,8 +172,7 @@ def v2pe_positions(pack, batch, step: int, micro: int) -> torch.Tensor:
     t = 0
     for s in pack:
         ids = s.input_ids
-        is_img = ids == raw.cfg.image_token_id
-        n_images = int((is_img[1:] & ~is_img[:-1]).sum() + is_img[0])  # runs of <IMG_CONTEXT>
+        n_images = count_images(ids, raw.cfg.image_token_id)
         deltas = [args.v2pe_delta if args.v2pe_delta > 0 else rng.choice(V2PE_DELTAS) for _ in range(n_images)]
         pos[0, t:t + len(ids)] = v2pe_position_ids(ids, raw.cfg.image_token_id, deltas)
         t += len(ids)
@@ -183,7 +182,7 @@ def v2pe_positions(pack, batch, step: int, micro: int) -> torch.Tensor:
 def run_stage(stage: str, steps: int, stream: PackedStream, start_step: int, optimizer, state: dict):
     """Optimizer steps start_step..steps-1 of one stage; returns when the stage ends (or --max-steps is hit)."""
     warmup = max(1, round(args.warmup_ratio * steps))
-    use_v2pe = stage == "pretrain" and (args.v2pe or args.v2pe_delta > 0)
+    use_v2pe = args.v2pe or args.v2pe_delta > 0
     autocast = torch.autocast("cuda", dtype=pick_dtype(args.dtype, device)) if device.type == "cuda" \
         else torch.autocast("cpu", enabled=False)
     t_last, tokens, tiles = time.time(), 0, 0
@@ -258,30 +257,17 @@ def save(stage: str, step: int, optimizer, stream: PackedStream):
 # evaluation
 
 
-def text_perplexity(path: str, limit: int = 200) -> float:
-    """exp(mean next-token CE) on held-out pure text."""
-    losses, n = 0.0, 0
-    raw.eval()
-    with torch.no_grad():
-        for _, d in read_jsonl(path)[:limit]:
-            ids = torch.tensor([tok.encode(d["text"]) + [tok.endoftext_id]], device=device)
-            logits = raw(ids)
-            losses += lm_loss(logits, ids).item() * (ids.size(1) - 1)
-            n += ids.size(1) - 1
-    raw.train()
-    return math.exp(losses / max(n, 1))
-
-
 def run_eval(when: str) -> dict:
     if rank != 0 or not eval_items:
         return {}
     t = time.time()
-    res = evaluate(raw, tok, eval_items, max_per_type=args.eval_per_type)
+    res = evaluate(raw, tok, eval_items, max_per_type=args.eval_per_type,
+                   v2pe_delta=args.v2pe_delta if args.v2pe_delta > 0 else 1.0)
     types = json.load(open(types_file)) if os.path.isfile(types_file) else {}
     for name, r in res["types"].items():
         r["chance"] = types.get(name, {}).get("chance")
     if args.eval_text:
-        res["text_perplexity"] = text_perplexity(args.eval_text)
+        res["text_perplexity"] = text_perplexity(raw, tok, args.eval_text)
     res["eval_seconds"] = time.time() - t
     print0(f"eval ({when}, {res['eval_seconds']:.0f}s): " + " | ".join(
         f"{k} {100 * r['accuracy']:.0f}%" for k, r in sorted(res["types"].items()))

@@ -100,7 +100,7 @@ def make_questions(out: Path, n_train: int, n_eval: int, seed: int):
 
 
 def tiles_of(item, out: Path, cfg) -> list[torch.Tensor]:
-    return load_images([out / p for p in item["image"]], cfg)[0]
+    return load_images([out / p for p in item["image"]], cfg, split=True)[0]  # the tile budget as trained
 
 
 def sample(model, tok, out: Path, jobs: list[tuple[dict, str]], n: int, temperature: float, seed: int,

@@ -34,7 +34,7 @@ from PIL import Image
 
 from nanovl3.chat import expand_image_tokens, tokenize_conversation
 from nanovl3.common import UserError
-from nanovl3.image import load_image, preprocess_image
+from nanovl3.image import load_image, preprocess_image, tiles_per_image
 
 IGNORE = -100  # label of a token that gets no loss
 KINDS = ("sft", "interleaved", "text", "preference")
@@ -173,7 +173,7 @@ def _images(record, where, root, n_tags, cfg, max_dynamic_patch, augment_rng):
     if not paths:
         return None, []
     # multi-image lines share the tile budget (SPEC §3.6)
-    max_num = max(1, (max_dynamic_patch or cfg.max_dynamic_patch) // len(paths))
+    max_num = tiles_per_image(max_dynamic_patch or cfg.max_dynamic_patch, len(paths))
     tiles = []
     for p in paths:
         try:

@@ -23,6 +23,7 @@ import torch
 
 from nanovl3.attention import Mask
 from nanovl3.common import UserError
+from nanovl3.model import v2pe_position_ids
 from nanovl3.text import KVCache
 
 
@@ -44,8 +45,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
 
 
-def left_pad(prompts: list[list[int]], device):
-    """-> ids [B,L], positions [B,L] (real tokens 0..n-1, padding 1), doc [B,L] (0 real, -1 padding)."""
+def left_pad(prompts: list[list[int]], device, v2pe_delta: float = 1.0, image_token_id: int = -1):
+    """-> ids [B,L], positions [B,L] (real tokens 0..n-1, padding 1), doc [B,L] (0 real, -1 padding).
+    v2pe_delta < 1: V2PE positions, each visual token advancing by δ (float)."""
     L = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), L, dtype=torch.long)
     doc = torch.full((len(prompts), L), -1, dtype=torch.long)
@@ -54,22 +56,27 @@ def left_pad(prompts: list[list[int]], device):
         doc[i, L - len(p):] = 0
     real = doc == 0
     positions = (real.cumsum(-1) - 1).masked_fill(~real, 1)
+    if v2pe_delta != 1.0:
+        positions = positions.float()
+        for i, p in enumerate(prompts):
+            positions[i, L - len(p):] = v2pe_position_ids(ids[i, L - len(p):], image_token_id, v2pe_delta)
     return ids.to(device), positions.to(device), doc.to(device)
 
 
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None = None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=(),
-             num_samples: int = 1, stream: Callable[[list[int]], None] | None = None, compile: bool = False
-             ) -> list[list[int]]:
+             num_samples: int = 1, stream: Callable[[list[int]], None] | None = None, compile: bool = False,
+             v2pe_delta: float = 1.0) -> list[list[int]]:
     """Sample up to max_new_tokens after each prompt; returns the new tokens of each row, cut before a stop token.
 
     pixel_values [N,3,S,S] holds the tiles of every image of every prompt, in prompt order.
     Rows are ordered prompt-major: row r = prompt r // num_samples, sample r % num_samples.
     stream(tokens) is called after every step with the token just sampled for each row.
+    v2pe_delta: the fixed V2PE δ of every image at inference (1 = plain positions, as the released checkpoints use).
     """
     device = next(model.parameters()).device
-    ids, positions, doc = left_pad(prompts, device)
+    ids, positions, doc = left_pad(prompts, device, v2pe_delta, model.cfg.image_token_id)
     B, L = ids.shape
     S = L + max_new_tokens
     limit = model.cfg.text.max_position_embeddings

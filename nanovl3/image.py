@@ -140,9 +140,16 @@ def load_image(path, max_num: int = 12, image_size: int = 448, use_thumbnail: bo
     return preprocess_image(open_image(path), max_num, image_size, use_thumbnail, augment_rng)
 
 
-def load_images(paths, cfg, max_num: int | None = None) -> tuple[list[torch.Tensor], list[int]]:
+def tiles_per_image(budget: int, n_images: int) -> int:
+    """Training splits one sample's tile budget among its images (SPEC §3.6); the model card instead gives
+    every image the whole budget at inference."""
+    return max(1, budget // max(1, n_images))
+
+
+def load_images(paths, cfg, max_num: int | None = None, split: bool = False) -> tuple[list[torch.Tensor], list[int]]:
     """Image files -> (tiles [N_k,3,S,S] of each image, N_k), cut as the model config `cfg` says; max_num
-    overrides its max_dynamic_patch."""
-    tiles = [load_image(p, cfg.max_dynamic_patch if max_num is None else max_num, cfg.vision.image_size,
-                        cfg.use_thumbnail) for p in paths]
+    overrides its max_dynamic_patch; split=True shares that budget among the images as training does."""
+    budget = cfg.max_dynamic_patch if max_num is None else max_num
+    per_image = tiles_per_image(budget, len(paths)) if split else budget
+    tiles = [load_image(p, per_image, cfg.vision.image_size, cfg.use_thumbnail) for p in paths]
     return tiles, [t.size(0) for t in tiles]

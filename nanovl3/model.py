@@ -55,14 +55,22 @@ def make_projector(cfg: VLConfig) -> nn.Sequential:
 # V2PE (InternVL3 §2.1, V2PE arXiv 2412.09616)
 
 
-def v2pe_position_ids(input_ids: torch.Tensor, image_token_id: int, deltas: list[float]) -> torch.Tensor:
-    """Positions of one sequence, input_ids [T] -> float [T].
+def count_images(input_ids: torch.Tensor, image_token_id: int) -> int:
+    """Images in a sequence [T]: runs of consecutive <IMG_CONTEXT> tokens."""
+    is_img = input_ids == image_token_id
+    return int(is_img[0]) + int((is_img[1:] & ~is_img[:-1]).sum()) if len(is_img) else 0
+
+
+def v2pe_position_ids(input_ids: torch.Tensor, image_token_id: int, deltas: list[float] | float) -> torch.Tensor:
+    """Positions of one sequence, input_ids [T] -> float [T]; one δ per image, or one float for all of them.
 
     "p_i = p_{i-1} + 1 if x_i is a text token, p_{i-1} + δ if x_i is a visual token", δ constant within an image
     (image k of the sequence uses deltas[k]). As in the reference (OpenGVLab/V2PE get_rope_pos_id) the first text
     token after an image resumes at ceil(last visual position) + 1. With every δ = 1 this is 0, 1, ..., T-1.
     """
     is_img = (input_ids == image_token_id).tolist()
+    if isinstance(deltas, (int, float)):  # the same δ for every image (inference uses one fixed δ)
+        deltas = [float(deltas)] * count_images(input_ids, image_token_id)
     pos, p, k, prev_img = [], -1.0, -1, False
     for img in is_img:
         if img and not prev_img:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nanovl3.common import UserError, atomic_path, print0
+from nanovl3.losses import lm_loss
 
 # -----------------------------------------------------------------------------
 # distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
@@ -242,8 +243,26 @@ def load_eval_items(path: str) -> list[dict]:
 
 
 @torch.no_grad()
+def text_perplexity(model, tok, path: str, limit: int = 200) -> float:
+    """exp(mean next-token CE) on held-out pure text: jsonl lines {"text": ...}, the first `limit` of them."""
+    from nanovl3.data import read_jsonl
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses, n = 0.0, 0
+    for lineno, d in read_jsonl(path)[:limit]:
+        if not isinstance(d.get("text"), str):
+            raise UserError(f"{path}:{lineno}: a text line needs a 'text' string")
+        ids = torch.tensor([tok.encode(d["text"]) + [tok.endoftext_id]], device=device)  # [1, T]
+        losses += lm_loss(model(ids), ids).item() * (ids.size(1) - 1)
+        n += ids.size(1) - 1
+    model.train(was_training)
+    return math.exp(losses / max(n, 1))
+
+
+@torch.no_grad()
 def evaluate(model, tok, items: list[dict], batch_size: int = 16, max_per_type: int = -1,
-             short_tokens: int = 8, cot_tokens: int = 96) -> dict:
+             short_tokens: int = 8, cot_tokens: int = 96, v2pe_delta: float = 1.0) -> dict:
     """Greedy answers to held-out questions -> {type: {"accuracy", "n", "correct"}} (+ "examples").
 
     Questions are batched (left padding); chain-of-thought questions get a longer budget and are scored on their
@@ -273,12 +292,12 @@ def evaluate(model, tok, items: list[dict], batch_size: int = 16, max_per_type: 
             batch = group[i:i + batch_size]
             prompts, tiles = [], []
             for it in batch:
-                t, num_tiles = load_images(it["image"], cfg)
+                t, num_tiles = load_images(it["image"], cfg, split=True)  # the budget as trained
                 tiles += t
                 prompts.append(tok.encode(render_prompt(it["question"], num_tiles, cfg.num_image_token)))
             pix = torch.cat(tiles).to(device=device, dtype=dtype) if tiles else None
             outs = generate(model, prompts, pix, max_new_tokens=cot_tokens if cot else short_tokens,
-                            stop_ids=tok.stop_ids)
+                            stop_ids=tok.stop_ids, v2pe_delta=v2pe_delta)
             for it, out in zip(batch, outs):
                 text = tok.decode(out)
                 ok = is_correct(text, it["answer"])  # the project's one grading rule (critic.py)

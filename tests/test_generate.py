@@ -115,3 +115,26 @@ def test_v2pe_delta_one_is_plain_positions(model):
     assert quarter[3 + n].item() == 2 + n // 4 + 1
     with torch.no_grad():
         assert (model(t[None], pix, position_ids=quarter[None]) - model(t[None], pix)).abs().max() > 1e-3
+
+
+def test_generate_with_v2pe_delta_equals_recompute(model):
+    """generate(v2pe_delta=δ) on a left-padded batch: each row's greedy tokens equal a full recompute that uses
+    V2PE positions for the prompt and +1 per new token; δ = 1 is the default path."""
+    prompts = [prompt_with_image(model, 1, seed=s) for s in (7, 8)]
+    prompts[1] = (prompts[1][0][:6] + prompts[1][0][6 + model.cfg.num_image_token:][:2] + prompts[1][0][6:],
+                  prompts[1][1])   # a longer second prompt: the first is left-padded
+    ids = [p for p, _ in prompts]
+    pix = torch.cat([x for _, x in prompts])
+    plain = generate(model, ids, pix, max_new_tokens=6)
+    assert generate(model, ids, pix, max_new_tokens=6, v2pe_delta=1.0) == plain
+    got = generate(model, ids, pix, max_new_tokens=6, v2pe_delta=1 / 16)
+    assert got != plain   # δ changes the positions the model sees
+    for (p, x), new in zip(prompts, got):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                pos = v2pe_position_ids(torch.tensor(p), IMG, 1 / 16)
+                pos = torch.cat([pos, pos[-1] + torch.arange(1, len(seq) - len(p) + 1)])
+                logits = model(torch.tensor([seq]), x, position_ids=pos[None])
+                seq.append(int(logits[0, -1].argmax()))
+        assert seq[len(p):] == new

@@ -126,6 +126,25 @@ def test_augmented_load(tmp_path):
     assert torch.equal(plain, preprocess_image(Image.open(tmp_path / "a.png")))
 
 
+def test_load_images_splits_the_budget_like_training(tmp_path):
+    """split=True gives each of n images budget // n tiles (at least 1), as the SFT loader does; otherwise each
+    image gets the whole budget (the model card's inference)."""
+    from nanovl3.config import preset
+    from nanovl3.image import load_images, tiles_per_image
+    cfg = preset("toy")
+    size = cfg.vision.image_size
+    paths = []
+    for k in range(3):
+        noise(4 * size, size, seed=k).save(tmp_path / f"{k}.png")   # 4:1 -> a 4x1 grid + thumbnail when allowed
+        paths.append(tmp_path / f"{k}.png")
+    assert [tiles_per_image(6, n) for n in (1, 2, 3, 4, 7)] == [6, 3, 2, 1, 1]
+    _, whole = load_images(paths, cfg)
+    _, shared = load_images(paths, cfg, split=True)
+    assert whole == [5, 5, 5]    # 4 tiles + thumbnail, under max_dynamic_patch 6
+    assert shared == [3, 3, 3]   # 6 // 3 = 2 tiles -> a 2x1 grid + thumbnail
+    assert load_images(paths[:1], cfg, split=True)[1] == [5]
+
+
 @pytest.mark.parametrize("kind", ["missing", "not an image", "truncated png", "truncated jpeg", "directory"])
 def test_bad_files(tmp_path, kind):
     img = noise(300, 200, seed=5)

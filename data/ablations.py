@@ -1,0 +1,535 @@
+"""
+Toy reproductions of the papers' claims: each is a small controlled experiment on the toy world, run with the
+project's own train.py / data/reasoning.py (no second training loop), over several seeds, into one JSON table
+and one Pillow plot per claim.
+
+    python data/ablations.py --quick                 # every ablation, reduced, on a 2-core CPU (<= 30 min)
+    python data/ablations.py                         # the full form (default toy recipe per arm, 3 seeds): one GPU
+    python data/ablations.py --only loss,jpeg --seeds 0,1,2 --out runs/abl
+    python data/ablations.py --quick --publish data/results/ablations   # also copy results.json + plots there
+
+Ablations (--only picks some):
+  native  InternVL3 §2.2, native vs post-hoc: (a) pre-training updates every parameter on interleaved image-text
+          + pure text; (b) the LLM is first trained on text alone, then the vision side is attached and warmed up
+          with the LLM frozen (half the steps each: the same tokens). Both then get the same SFT. Held-out VQA
+          accuracy and pure-text perplexity.
+  v2pe    InternVL3 Table 12, the V2PE step δ: fine-tuned from the same native checkpoint on a multi-image task
+          ("Which colour is in only one picture?" over 3-4 one-shape pictures) with δ in {1, 1/4, 1/16, 1/256}
+          or random per image; evaluated on 4, 8 and 16 pictures, longer than any training sample. Fixed-δ arms
+          are evaluated at their δ, the random arm at each of the four (the paper's table). The paper applies V2PE
+          in pre-training; here δ is applied in the fine-tuning on the task, from the shared native checkpoint.
+  loss    InternVL2.5 §4, loss averaging: SFT with token, sample and square averaging on the toy mix, whose answers
+          are one word (VQA) or a 5-10 line chain of thought (arithmetic); accuracy on short and on long answers.
+  jpeg    InternVL2.5 §4, random JPEG compression (quality 75-100) in SFT, on and off; evaluated on the held-out
+          pictures as they are and re-encoded as JPEG at quality 40.
+  mpo     MPO vs SFT only, and Best-of-N with the toy VisualPRM (data/reasoning.py on each seed's SFT checkpoint).
+Arms are cached: one whose directory holds a DONE file with the same command is not run again (--redo: rerun all).
+Writes <out>/results.json (per arm and seed, mean and spread over seeds, wall times), <out>/<ablation>.png and
+<out>/results.md (the README's table: each paper claim, the toy comparison, agree or not; --report redraws them).
+"""
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
+import plot  # noqa: E402
+import toyworld  # noqa: E402
+from nanovl3.chat import Tokenizer  # noqa: E402
+from nanovl3.common import UserError, atomic_path, user_errors  # noqa: E402
+from nanovl3.model import InternVL  # noqa: E402
+from nanovl3.training import evaluate, load_eval_items, text_perplexity  # noqa: E402
+
+ABLATIONS = ["native", "v2pe", "loss", "jpeg", "mpo"]
+# steps of each kind of run; eval questions per type; seeds; data/reasoning.py sizes
+SIZES = {
+    "smoke": dict(pretrain=2, sft=2, odd_sft=2, odd_train=20, eval_per_type=2, odd_eval=2, seeds="0,1",
+                  reasoning=["--n-train", "4", "--n-eval", "3", "--rollouts", "2", "--mpo-steps", "2", "--prm-steps",
+                             "2", "--mc", "1", "--max-new-tokens", "12", "--reference-chosen"]),
+    "quick": dict(pretrain=120, sft=300, odd_sft=150, odd_train=3000, eval_per_type=40, odd_eval=40, seeds="0,1",
+                  reasoning=["--n-train", "100", "--n-eval", "80", "--mpo-steps", "40", "--prm-steps", "80",
+                         "--mc", "2"]),
+    "full": dict(pretrain=400, sft=2000, odd_sft=600, odd_train=6000, eval_per_type=100, odd_eval=100, seeds="0,1,2",
+                 reasoning=[]),
+}
+V2PE_ARMS = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/256": 1 / 256, "random": None}
+ODD_IMAGES = (4, 8, 16)      # pictures per evaluation question (training uses 3-4)
+ODD_QUESTION = "Which colour is in only one picture?"
+JPEG_QUALITY = 40            # the degraded held-out pictures: harsher than the 75-100 seen in training
+SHORT_TYPES = ["color", "shape", "count", "count_color", "position"]   # one-word answers
+LONG_TYPES = ["arith"]                                                # chain of thought, "The answer is X."
+
+
+# -----------------------------------------------------------------------------
+# data the ablations add to the toy world
+
+
+def make_odd_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
+    """The long multi-image task: "Which colour is in only one picture?" over n pictures of one shape each, all
+    of one colour but one. It needs only colour (which the toy model reads best) and a look at every picture.
+    Training questions have 3-4 pictures, evaluation ones ODD_IMAGES. A pool of 20 pictures per (colour, shape)
+    is rendered once and drawn from."""
+    if (read := toyworld.read_done(root)) and read == {"n_train": n_train, "n_eval": n_eval}:
+        return
+    rng = random.Random(f"ablations/odd/{seed}")
+    pool, items = {}, []   # colour -> [relative path]; [(relative path, Scene)]
+    for colour in toyworld.COLOURS:
+        for shape in toyworld.SHAPES:
+            for k in range(20):
+                rel = f"images/{colour}_{shape}_{k:02d}.png"
+                items.append((rel, toyworld.sample_scene(rng, [(colour, shape)])))
+                pool.setdefault(colour, []).append(rel)
+    toyworld.render_all(root, items)
+
+    def question(n):
+        common, odd = rng.sample(list(toyworld.COLOURS), 2)
+        paths = [rng.choice(pool[common]) for _ in range(n - 1)]
+        paths.insert(rng.randrange(n), rng.choice(pool[odd]))
+        return paths, toyworld.image_tags(n) + ODD_QUESTION, odd
+
+    train = []
+    for i in range(n_train):
+        paths, q, a = question(rng.randint(3, 4))
+        train.append({"id": i, "image": paths, "conversations": [{"from": "human", "value": q},
+                                                                  {"from": "gpt", "value": a.capitalize() + "."}]})
+    evals = [{"image": paths, "question": q, "answer": a, "type": f"odd_{n}", "cot": False}
+             for n in ODD_IMAGES for paths, q, a in (question(n) for _ in range(n_eval))]
+    toyworld.write_jsonl(root / "train.jsonl", train)
+    toyworld.write_jsonl(root / "eval.jsonl", evals)
+    toyworld.write_json(root / "meta.json", {"toy_odd": {"root": ".", "annotation": "train.jsonl", "repeat_time": 1,
+                                                         "data_augment": False, "max_dynamic_patch": 1,
+                                                         "length": len(train)}})
+    toyworld.write_json(root / "DONE", {"n_train": n_train, "n_eval": n_eval})
+
+
+def make_nojpeg_meta(world: Path, out: Path) -> Path:
+    """The toy SFT meta.json with data_augment off everywhere (roots made absolute, so it can live elsewhere)."""
+    src = world / "sft" / "meta.json"
+    meta = json.loads(src.read_text())
+    for d in meta.values():
+        d["root"] = str((src.parent / d.get("root", "")).resolve())
+        d["annotation"] = str((src.parent / d["annotation"]).resolve())
+        d["data_augment"] = False
+    toyworld.write_json(out / "meta.json", meta)
+    return out / "meta.json"
+
+
+def make_jpeg_eval(world: Path, out: Path) -> Path:
+    """The held-out questions with every picture re-encoded as JPEG at JPEG_QUALITY (stored as PNG: lossless)."""
+    if (out / "eval.jsonl").is_file():
+        return out / "eval.jsonl"
+    src = world / "eval"
+    rows = [json.loads(line) for line in (src / "eval.jsonl").read_text().splitlines() if line.strip()]
+    for path in sorted({p for r in rows for p in ([r["image"]] if isinstance(r.get("image"), str)
+                                                    else r.get("image") or [])}):
+        dst = out / path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        degrade(Image.open(src / path)).save(dst)
+    toyworld.write_jsonl(out / "eval.jsonl", rows)
+    return out / "eval.jsonl"
+
+
+def degrade(img: Image.Image) -> Image.Image:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+# -----------------------------------------------------------------------------
+# arms: one train.py (or reasoning.py) run each, cached
+
+
+class Runner:
+    def __init__(self, args, size, world: Path):
+        self.args, self.size, self.world = args, size, world
+        self.out = Path(args.out).resolve()
+        self.wall = {}   # arm dir -> seconds of its run (0 when it came from the cache)
+
+    def run(self, name: str, seed: int, cmd: list[str]) -> Path:
+        """Run one arm into <out>/arms/<name>/s<seed> unless its DONE file records the same command."""
+        d = self.out / "arms" / name / f"s{seed}"
+        cmd = [sys.executable] + cmd
+        key = " ".join(cmd[1:])
+        done = d / "DONE"
+        if done.is_file() and not self.args.redo and json.loads(done.read_text()).get("command") == key:
+            self.wall[str(d)] = json.loads(done.read_text())["seconds"]
+            return d
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        print(f"[{name} s{seed}] {key}", flush=True)
+        t = time.time()
+        with open(d / "log.txt", "w") as log:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            tail = "".join((d / "log.txt").read_text().splitlines(keepends=True)[-15:])
+            raise UserError(f"arm {name} seed {seed} failed (exit {rc}); its log {d / 'log.txt'} ends:\n{tail}")
+        seconds = round(time.time() - t, 1)
+        self.wall[str(d)] = seconds
+        with atomic_path(str(done)) as tmp, open(tmp, "w") as f:
+            json.dump({"command": key, "seconds": seconds}, f)
+        print(f"[{name} s{seed}] {seconds:.0f}s", flush=True)
+        return d
+
+    def train(self, name: str, seed: int, *flags) -> Path:
+        a, s = self.args, self.size
+        base = ["train.py", "--seed", str(seed), "--preset", a.preset, "--data-dir", str(self.world),
+                "--eval-per-type", "0", "--log-interval",
+                str(max(1, s["sft"] // 8)), "--ckpt-interval", "100000"]
+        if a.device:
+            base += ["--device", a.device]
+        return self.run(name, seed, base + [str(f) for f in flags] + ["--out-dir", str(self.out / "arms" / name /
+                                                                                      f"s{seed}")])
+
+    # the arms, by name; each returns its directory (checkpoint in <dir>/ckpt)
+    def pt_native(self, seed):
+        return self.train("pt_native", seed, "--stage", "pretrain", "--pretrain-steps", self.size["pretrain"])
+
+    def pt_posthoc(self, seed):
+        half = max(1, self.size["pretrain"] // 2)
+        text = self.train("pt_text_only", seed, "--stage", "pretrain", "--pretrain-steps", half, "--text-ratio", 1)
+        return self.train("pt_posthoc", seed, "--stage", "pretrain", "--pretrain-steps", half, "--text-ratio", 0,
+                          "--init-from", text / "ckpt", "--freeze", "llm")
+
+    def sft(self, name, seed, init: Path, *flags):
+        return self.train(name, seed, "--stage", "sft", "--sft-steps", self.size["sft"], "--init-from",
+                          init / "ckpt", *flags)
+
+    def sft_native(self, seed):   # the default recipe: square averaging, JPEG augmentation
+        return self.sft("sft_native", seed, self.pt_native(seed))
+
+
+# -----------------------------------------------------------------------------
+# evaluation (in this process, cached next to each checkpoint)
+
+
+def evaluated(arm: Path, what: str, fn) -> dict:
+    path = arm / f"eval_{what}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    res = fn()
+    with atomic_path(str(path)) as tmp, open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+def load(arm: Path, device):
+    model = InternVL.from_pretrained(str(arm / "ckpt"), dtype=torch.float32, device=device).eval()
+    return model, Tokenizer.from_dir(str(arm / "ckpt"))
+
+
+def accuracy(arm: Path, what: str, eval_file: Path, per_type: int, device, v2pe_delta: float = 1.0) -> dict:
+    """{type: accuracy} on an eval.jsonl (the first per_type questions of each type)."""
+    def fn():
+        model, tok = load(arm, device)
+        res = evaluate(model, tok, load_eval_items(str(eval_file)), max_per_type=per_type, v2pe_delta=v2pe_delta)
+        return {k: r["accuracy"] for k, r in res["types"].items()}
+    return evaluated(arm, what, fn)
+
+
+def perplexity(arm: Path, text_file: Path, device) -> float:
+    def fn():
+        model, tok = load(arm, device)
+        return {"text_perplexity": text_perplexity(model, tok, str(text_file))}
+    return evaluated(arm, "text", fn)["text_perplexity"]
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def summarise(per_seed: dict) -> dict:
+    """{metric: [value per seed]} -> {metric: {"mean", "spread" (population std over seeds), "seeds"}}."""
+    return {k: {"mean": mean(v), "spread": statistics.pstdev(v) if len(v) > 1 else 0.0, "seeds": v}
+            for k, v in per_seed.items()}
+
+
+# -----------------------------------------------------------------------------
+# the ablations: each returns {"arms": {arm: {metric: {mean, spread, seeds}}}, "wall_seconds", ...}
+
+
+def ablation_native(R: Runner, seeds, world: Path, device):
+    rows = {"native": {}, "post-hoc": {}}
+    for seed in seeds:
+        for arm, pt in (("native", R.pt_native(seed)), ("post-hoc", R.pt_posthoc(seed))):
+            sft = R.sft_native(seed) if arm == "native" else R.sft("sft_posthoc", seed, pt)
+            acc = accuracy(sft, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)
+            m = {"vqa_accuracy": mean(list(acc.values())), **{f"acc_{k}": v for k, v in acc.items()},
+                 "text_ppl_pretrained": perplexity(pt, world / "eval" / "text.jsonl", device),
+                 "text_ppl_final": perplexity(sft, world / "eval" / "text.jsonl", device)}
+            for k, v in m.items():
+                rows[arm].setdefault(k, []).append(v)
+    return {"arms": {a: summarise(r) for a, r in rows.items()},
+            "arm_dirs": ["pt_native", "pt_text_only", "pt_posthoc", "sft_native", "sft_posthoc"]}
+
+
+def ablation_v2pe(R: Runner, seeds, world: Path, device):
+    odd = R.out / "data" / "odd"
+    make_odd_data(odd, n_train=R.size["odd_train"], n_eval=R.size["odd_eval"])
+    rows = {}
+    for seed in seeds:
+        pt = R.pt_native(seed)
+        for name, delta in V2PE_ARMS.items():
+            flags = ["--v2pe"] if delta is None else ["--v2pe-delta", delta]
+            arm = R.train(f"v2pe_{name.replace('/', '_')}", seed, "--stage", "sft", "--sft-steps",
+                          R.size["odd_sft"], "--init-from", pt / "ckpt", "--sft-meta", odd / "meta.json", *flags)
+            for eval_name, eval_delta in ([(name, delta)] if delta is not None else V2PE_ARMS.items()):
+                if eval_delta is None:
+                    continue
+                label = f"train {name}, eval {eval_name}"
+                acc = accuracy(arm, f"odd_{eval_name.replace('/', '_')}", odd / "eval.jsonl", -1, device,
+                               v2pe_delta=eval_delta)
+                for n in ODD_IMAGES:
+                    rows.setdefault(label, {}).setdefault(f"images_{n}", []).append(acc[f"odd_{n}"])
+    return {"arms": {a: summarise(r) for a, r in rows.items()}, "chance": 1 / len(toyworld.COLOURS),
+            "arm_dirs": ["pt_native"] + [f"v2pe_{n.replace('/', '_')}" for n in V2PE_ARMS]}
+
+
+def ablation_loss(R: Runner, seeds, world: Path, device):
+    rows = {}
+    for seed in seeds:
+        for mode in ("token", "sample", "square"):
+            arm = R.sft_native(seed) if mode == "square" else \
+                R.sft(f"sft_loss_{mode}", seed, R.pt_native(seed), "--loss-reduction", mode)
+            acc = accuracy(arm, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)
+            m = {"short_answers": mean([acc[t] for t in SHORT_TYPES]), "long_answers": mean([acc[t] for t in LONG_TYPES])}
+            for k, v in m.items():
+                rows.setdefault(mode, {}).setdefault(k, []).append(v)
+    return {"arms": {a: summarise(r) for a, r in rows.items()}, "short_types": SHORT_TYPES, "long_types": LONG_TYPES,
+            "arm_dirs": ["pt_native", "sft_native", "sft_loss_token", "sft_loss_sample"]}
+
+
+def ablation_jpeg(R: Runner, seeds, world: Path, device):
+    nojpeg = make_nojpeg_meta(world, R.out / "data" / "nojpeg")
+    degraded = make_jpeg_eval(world, R.out / "data" / f"eval_jpeg{JPEG_QUALITY}")
+    rows = {}
+    for seed in seeds:
+        for name in ("JPEG augmentation", "no augmentation"):
+            arm = R.sft_native(seed) if name == "JPEG augmentation" else \
+                R.sft("sft_nojpeg", seed, R.pt_native(seed), "--sft-meta", nojpeg)
+            clean = accuracy(arm, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)
+            jpeg = accuracy(arm, f"jpeg{JPEG_QUALITY}", degraded, R.size["eval_per_type"], device)
+            for k, v in (("clean", mean(list(clean.values()))), (f"jpeg_q{JPEG_QUALITY}", mean(list(jpeg.values())))):
+                rows.setdefault(name, {}).setdefault(k, []).append(v)
+    return {"arms": {a: summarise(r) for a, r in rows.items()}, "arm_dirs": ["pt_native", "sft_native", "sft_nojpeg"]}
+
+
+def ablation_mpo(R: Runner, seeds, world: Path, device):
+    rows = {}
+    for seed in seeds:
+        sft = R.sft_native(seed)
+        arm = R.run("reasoning", seed, ["data/reasoning.py", "--sft", str(sft / "ckpt"), "--seed", str(seed), "--out",
+                                        str(R.out / "arms" / "reasoning" / f"s{seed}"), *R.size["reasoning"]])
+        res = json.loads((arm / "results.json").read_text())
+        m = {"greedy_sft": res["greedy"]["sft"]["accuracy"], "greedy_mpo": res["greedy"]["mpo"]["accuracy"],
+             "n_questions": res["greedy"]["sft"]["n"]}
+        for critic, curve in res["best_of_n"].items():
+            for n, acc in curve.items():
+                m[f"{critic}_N{n}"] = acc
+        for k, v in m.items():
+            rows.setdefault("reasoning", {}).setdefault(k, []).append(v)
+    return {"arms": {a: summarise(r) for a, r in rows.items()}, "arm_dirs": ["pt_native", "sft_native", "reasoning"]}
+
+
+# -----------------------------------------------------------------------------
+# plots
+
+
+def pct(cell):
+    return 100 * cell["mean"], 100 * cell["spread"]
+
+
+def draw(name: str, res: dict, out: Path, n_seeds: int):
+    arms, sub = res["arms"], f" (mean ± std over {n_seeds} seed{'s' * (n_seeds > 1)})"
+    path = out / f"{name}.png"
+    if name == "native":
+        types = [k[4:] for k in arms["native"] if k.startswith("acc_")]
+        groups = types + ["all"]
+        keys = [f"acc_{t}" for t in types] + ["vqa_accuracy"]
+        vals = [[pct(arms[a][k])[0] for a in arms] for k in keys]
+        errs = [[pct(arms[a][k])[1] for a in arms] for k in keys]
+        plot.bar_chart(path, "Native vs post-hoc pre-training: held-out accuracy" + sub, groups, list(arms), vals,
+                       errs, ylabel="accuracy (%)", ymax=100)
+    elif name == "v2pe":
+        series = {a: [pct(r[f"images_{n}"])[0] for n in ODD_IMAGES] for a, r in arms.items()}
+        errors = {a: [pct(r[f"images_{n}"])[1] for n in ODD_IMAGES] for a, r in arms.items()}
+        plot.line_chart(path, "V2PE delta: 'which colour is in only one picture?'" + sub, list(ODD_IMAGES), series,
+                        errors, xlabel="pictures per question (training: 3-4)", ylabel="accuracy (%)", ymin=0,
+                        ymax=100)
+    elif name in ("loss", "jpeg"):
+        groups = list(next(iter(arms.values())))
+        vals = [[pct(arms[a][g])[0] for a in arms] for g in groups]
+        errs = [[pct(arms[a][g])[1] for a in arms] for g in groups]
+        title = {"loss": "SFT loss averaging: accuracy by answer length",
+                 "jpeg": f"JPEG augmentation: accuracy on clean and JPEG q={JPEG_QUALITY} pictures"}[name]
+        labels = [g.replace("_", " ") for g in groups]
+        plot.bar_chart(path, title + sub, labels, list(arms), vals, errs, ylabel="accuracy (%)", ymax=100)
+    elif name == "mpo":
+        r = arms["reasoning"]
+        ns = [1, 2, 4, 8]
+        series = {c: [pct(r[f"{c}_N{n}"])[0] for n in ns] for c in ("prm", "majority", "outcome", "pass@N")}
+        errors = {c: [pct(r[f"{c}_N{n}"])[1] for n in ns] for c in series}
+        series["greedy SFT"] = [pct(r["greedy_sft"])[0]] * len(ns)
+        series["greedy MPO"] = [pct(r["greedy_mpo"])[0]] * len(ns)
+        plot.line_chart(path, "Best-of-N with the toy PRM; greedy SFT and MPO as flat lines" + sub, ns, series, errors,
+                        xlabel="N (samples per question)", ylabel="accuracy (%)", ymin=0, ymax=100)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the reduced form for a 2-core CPU (= --size quick)")
+    parser.add_argument("--size", default="full", choices=list(SIZES), help="steps, questions and seeds of every arm")
+    parser.add_argument("--only", default=",".join(ABLATIONS), help="comma list of ablations to run")
+    parser.add_argument("--seeds", default="", help="comma list of seeds (default: the size's)")
+    parser.add_argument("--preset", default="toy", help="train.py --preset of every arm (toy-gpu: bigger, for a GPU)")
+    parser.add_argument("--device", default=None, help="train.py --device of every arm; evaluation runs here too")
+    parser.add_argument("--data-dir", default="data/toy", help="the toy world (generated if absent)")
+    parser.add_argument("--out", default="runs/ablations", help="arms, evaluations, results.json and plots")
+    parser.add_argument("--publish", default="", help="also copy results.json and the plots to this directory")
+    parser.add_argument("--redo", action="store_true", help="rerun every arm and evaluation")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: redraw the plots and results.md from <out>/results.json")
+    args = parser.parse_args()
+    if args.report:
+        return report(Path(args.out).resolve(), Path(args.publish).resolve() if args.publish else None)
+    if args.quick:
+        args.size = "quick"
+    size = SIZES[args.size]
+    only = [a.strip() for a in args.only.split(",") if a.strip()]
+    unknown = [a for a in only if a not in ABLATIONS]
+    if unknown:
+        raise UserError(f"--only: unknown ablation(s) {', '.join(unknown)} (choose from {', '.join(ABLATIONS)})")
+    try:
+        seeds = [int(s) for s in (args.seeds or size["seeds"]).split(",")]
+    except ValueError:
+        raise UserError(f"--seeds: expected a comma list of integers, got {args.seeds!r}") from None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = Path(toyworld.ensure(str(ROOT / args.data_dir))["root"])   # an absolute --data-dir stays as it is
+    R = Runner(args, size, world)
+    if args.redo and (R.out / "arms").exists():
+        shutil.rmtree(R.out / "arms")
+    t0 = time.time()
+    results = {"command": "python data/ablations.py " + " ".join(sys.argv[1:]),
+               "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores"
+                          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+                          + f", torch {torch.__version__}",
+               "size": args.size, "sizes": size, "seeds": seeds, "preset": args.preset, "ablations": {}}
+    for name in only:
+        t = time.time()
+        print(f"== {name}", flush=True)
+        res = globals()[f"ablation_{name}"](R, seeds, world, device)
+        dirs = [str(R.out / "arms" / d / f"s{s}") for d in res.pop("arm_dirs") for s in seeds]
+        res["train_seconds"] = round(sum(R.wall.get(d, 0.0) for d in dirs), 1)   # shared arms counted in each
+        res["seconds"] = round(time.time() - t, 1)
+        res["plot"] = f"{name}.png"
+        results["ablations"][name] = res
+        print(f"== {name}: {res['seconds']:.0f}s; arms' training {res['train_seconds']:.0f}s", flush=True)
+    results["wall_seconds"] = round(time.time() - t0, 1)
+    R.out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(str(R.out / "results.json")) as tmp, open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    report(R.out, Path(args.publish).resolve() if args.publish else None)
+
+
+def report(out: Path, publish: Path | None):
+    """results.json -> plots, results.md and the printed table; with publish, all of it copied there too."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no results yet (run the ablations first)")
+    results = json.loads(path.read_text())
+    for folder in [out] + ([publish] if publish else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, res in results["ablations"].items():
+            draw(name, res, folder, len(results["seeds"]))
+        with atomic_path(str(folder / "results.md")) as tmp, open(tmp, "w") as f:
+            f.write(markdown(results))
+        if folder != out:
+            shutil.copyfile(path, folder / "results.json")
+    print_table(results)
+    print(f"wrote results.json, results.md and {len(results['ablations'])} plot(s) to "
+          f"{', '.join(str(f) for f in [out] + ([publish] if publish else []))}")
+
+
+# what each paper reports, and the toy comparison that would agree with it: (toy value, toy baseline) pairs whose
+# difference should be > 0; "within noise" when it is smaller than the larger spread over seeds
+CLAIMS = {
+    "native": ("InternVL3 §2.2: native pre-training reaches accuracy comparable to the multi-stage (post-hoc) "
+               "pipeline, then gains more from SFT",
+               lambda a: [("native − post-hoc, held-out accuracy", a["native"]["vqa_accuracy"],
+                           a["post-hoc"]["vqa_accuracy"], "comparable")]),
+    "v2pe": ("InternVL3 Table 12 (random δ in training, δ at inference): none 75.2, 1/256 75.0, 1/16 75.6, "
+             "1/4 75.9, 1 75.7: small steps help, 1/4 best",
+             lambda a: [(f"random@{d} − no V2PE, {ODD_IMAGES[-1]} pictures",
+                         a[f"train random, eval {d}"][f"images_{ODD_IMAGES[-1]}"],
+                         a["train 1, eval 1"][f"images_{ODD_IMAGES[-1]}"], "higher")
+                        for d in ("1/4", "1/16")]),
+    "loss": ("InternVL2.5 §4: token averaging favours long answers, sample averaging short ones; square is the "
+             "compromise",
+             lambda a: [("token − sample, long answers", a["token"]["long_answers"], a["sample"]["long_answers"],
+                         "higher"),
+                        ("sample − token, short answers", a["sample"]["short_answers"], a["token"]["short_answers"],
+                         "higher")]),
+    "jpeg": ("InternVL2.5 §4: random JPEG compression makes the model robust to compressed pictures",
+             lambda a: [(f"with − without, JPEG q={JPEG_QUALITY} pictures", a["JPEG augmentation"][f"jpeg_q{JPEG_QUALITY}"],
+                         a["no augmentation"][f"jpeg_q{JPEG_QUALITY}"], "higher")]),
+    "mpo": ("InternVL3 §2.4: MPO beats SFT on reasoning; Best-of-N with VisualPRM rises with N and beats "
+            "self-consistency",
+            lambda a: [("MPO − SFT, greedy", a["reasoning"]["greedy_mpo"], a["reasoning"]["greedy_sft"], "higher"),
+                       ("PRM N=8 − N=1", a["reasoning"]["prm_N8"], a["reasoning"]["prm_N1"], "higher"),
+                       ("PRM − majority, N=8", a["reasoning"]["prm_N8"], a["reasoning"]["majority_N8"], "higher")]),
+}
+
+
+def verdict(cell, base, want: str) -> str:
+    diff, noise = cell["mean"] - base["mean"], max(cell["spread"], base["spread"])
+    if want == "comparable":
+        return "yes" if diff >= -max(noise, 0.02) else "no"   # "comparable": not worse by more than the noise
+    return "within noise" if abs(diff) <= noise else ("yes" if diff > 0 else "no")
+
+
+def markdown(results: dict) -> str:
+    """The README's table: each claim, the toy comparison (in points of accuracy), and whether they agree."""
+    lines = [f"`{results['command']}` on {results['machine']}; seeds {results['seeds']}, size {results['size']}.", "",
+             "| ablation | the paper | toy comparison | toy (points, mean ± spread) | agrees |", "|---|---|---|---|---|"]
+    for name, res in results["ablations"].items():
+        claim, rows = CLAIMS[name]
+        for label, cell, base, want in rows(res["arms"]):
+            diff = 100 * (cell["mean"] - base["mean"])
+            lines.append(f"| {name} | {claim} | {label} | {diff:+.1f} ± {100 * max(cell['spread'], base['spread']):.1f}"
+                         f" ({100 * cell['mean']:.1f} vs {100 * base['mean']:.1f}) | {verdict(cell, base, want)} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(results: dict):
+    for name, res in results["ablations"].items():
+        print(f"\n{name}")
+        for arm, metrics in res["arms"].items():
+            cells = [f"{k} {m['mean']:.3f}±{m['spread']:.3f}" for k, m in metrics.items()
+                     if not k.startswith(("acc_", "n_")) and "_N" not in k]
+            print(f"  {arm:28s} " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main()
