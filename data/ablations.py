@@ -29,17 +29,16 @@ Writes <out>/results.json (per arm and seed, mean and spread over seeds, wall ti
 """
 
 import argparse
-import io
 import json
 import os
 import platform
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import mean, pstdev
 
 import torch
 from PIL import Image
@@ -51,6 +50,8 @@ import plot  # noqa: E402
 import toyworld  # noqa: E402
 from nanovl3.chat import Tokenizer  # noqa: E402
 from nanovl3.common import UserError, atomic_path, user_errors  # noqa: E402
+from nanovl3.data import read_jsonl  # noqa: E402
+from nanovl3.image import jpeg_roundtrip  # noqa: E402
 from nanovl3.model import InternVL  # noqa: E402
 from nanovl3.training import evaluate, load_eval_items, text_perplexity  # noqa: E402
 
@@ -67,6 +68,7 @@ SIZES = {
                  reasoning=[]),
 }
 V2PE_ARMS = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/256": 1 / 256, "random": None}
+FIXED_DELTAS = {k: d for k, d in V2PE_ARMS.items() if d is not None}   # the random arm is evaluated at each
 ODD_IMAGES = (4, 8, 16)      # pictures per evaluation question (training uses 3-4)
 ODD_QUESTION = "Which colour is in only one picture?"
 JPEG_QUALITY = 40            # the degraded held-out pictures: harsher than the 75-100 seen in training
@@ -133,21 +135,14 @@ def make_jpeg_eval(world: Path, out: Path) -> Path:
     if (out / "eval.jsonl").is_file():
         return out / "eval.jsonl"
     src = world / "eval"
-    rows = [json.loads(line) for line in (src / "eval.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for _, r in read_jsonl(str(src / "eval.jsonl"))]
     for path in sorted({p for r in rows for p in ([r["image"]] if isinstance(r.get("image"), str)
                                                     else r.get("image") or [])}):
         dst = out / path
         dst.parent.mkdir(parents=True, exist_ok=True)
-        degrade(Image.open(src / path)).save(dst)
+        jpeg_roundtrip(Image.open(src / path), JPEG_QUALITY).save(dst)
     toyworld.write_jsonl(out / "eval.jsonl", rows)
     return out / "eval.jsonl"
-
-
-def degrade(img: Image.Image) -> Image.Image:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
 
 
 # -----------------------------------------------------------------------------
@@ -158,7 +153,7 @@ class Runner:
     def __init__(self, args, size, world: Path):
         self.args, self.size, self.world = args, size, world
         self.out = Path(args.out).resolve()
-        self.wall = {}   # arm dir -> seconds of its run (0 when it came from the cache)
+        self.wall = {}   # arm dir -> seconds its run took (as recorded in DONE when it came from the cache)
 
     def run(self, name: str, seed: int, cmd: list[str]) -> Path:
         """Run one arm into <out>/arms/<name>/s<seed> unless its DONE file records the same command."""
@@ -166,8 +161,9 @@ class Runner:
         cmd = [sys.executable] + cmd
         key = " ".join(cmd[1:])
         done = d / "DONE"
-        if done.is_file() and not self.args.redo and json.loads(done.read_text()).get("command") == key:
-            self.wall[str(d)] = json.loads(done.read_text())["seconds"]
+        cached = json.loads(done.read_text()) if done.is_file() and not self.args.redo else {}
+        if cached.get("command") == key:
+            self.wall[str(d)] = cached["seconds"]
             return d
         if d.exists():
             shutil.rmtree(d)
@@ -249,13 +245,9 @@ def perplexity(arm: Path, text_file: Path, device) -> float:
     return evaluated(arm, "text", fn)["text_perplexity"]
 
 
-def mean(xs):
-    return sum(xs) / len(xs)
-
-
 def summarise(per_seed: dict) -> dict:
     """{metric: [value per seed]} -> {metric: {"mean", "spread" (population std over seeds), "seeds"}}."""
-    return {k: {"mean": mean(v), "spread": statistics.pstdev(v) if len(v) > 1 else 0.0, "seeds": v}
+    return {k: {"mean": mean(v), "spread": pstdev(v) if len(v) > 1 else 0.0, "seeds": v}
             for k, v in per_seed.items()}
 
 
@@ -288,9 +280,7 @@ def ablation_v2pe(R: Runner, seeds, world: Path, device):
             flags = ["--v2pe"] if delta is None else ["--v2pe-delta", delta]
             arm = R.train(f"v2pe_{name.replace('/', '_')}", seed, "--stage", "sft", "--sft-steps",
                           R.size["odd_sft"], "--init-from", pt / "ckpt", "--sft-meta", odd / "meta.json", *flags)
-            for eval_name, eval_delta in ([(name, delta)] if delta is not None else V2PE_ARMS.items()):
-                if eval_delta is None:
-                    continue
+            for eval_name, eval_delta in ([(name, delta)] if delta is not None else FIXED_DELTAS.items()):
                 label = f"train {name}, eval {eval_name}"
                 acc = accuracy(arm, f"odd_{eval_name.replace('/', '_')}", odd / "eval.jsonl", -1, device,
                                v2pe_delta=eval_delta)

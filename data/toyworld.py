@@ -762,9 +762,10 @@ def generate(out_dir: str, seed: int = 0, n_sft: int = 4000, n_pretrain: int = 1
 def ensure(out_dir: str) -> dict:
     """The toy world in out_dir as train.py expects it: kept if one of this FORMAT_VERSION is there (any size or
     seed, e.g. a test's small world), otherwise generated with the defaults (also over an older version)."""
-    done = read_done(Path(out_dir).resolve())
+    root = Path(out_dir).resolve()
+    done = read_done(root)
     if done and done.get("params", {}).get("version") == FORMAT_VERSION:
-        return summary(Path(out_dir).resolve(), done)
+        return summary(root, done)
     print(f"generating the toy world in {out_dir} ...", flush=True)
     return generate(out_dir, seed=0)
 

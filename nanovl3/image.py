@@ -73,14 +73,19 @@ def dynamic_preprocess(img: Image.Image, min_num: int = 1, max_num: int = 12, im
 # augmentation (SPEC §3.3)
 
 
-def jpeg_compress(tile: Image.Image, rng: random.Random) -> Image.Image:
-    """Re-encode as JPEG with a random quality in 75..100 and decode (InternVL2.5 "random JPEG compression")."""
+def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
+    """Encode as JPEG at `quality` and decode again."""
     buf = io.BytesIO()
-    tile.convert("RGB").save(buf, format="JPEG", quality=rng.randint(75, 100))  # randint is inclusive of 100
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
     buf.seek(0)
     out = Image.open(buf)
     out.load()  # decode now, before the buffer goes away
     return out
+
+
+def jpeg_compress(tile: Image.Image, rng: random.Random) -> Image.Image:
+    """Re-encode as JPEG with a random quality in 75..100 and decode (InternVL2.5 "random JPEG compression")."""
+    return jpeg_roundtrip(tile, rng.randint(75, 100))  # randint is inclusive of 100
 
 
 # -----------------------------------------------------------------------------
