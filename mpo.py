@@ -223,4 +223,7 @@ with user_errors():
             f"{k} {100 * r['accuracy']:.1f}% (n={r['n']})" for k, r in sorted(res["types"].items())))
     print0(f"wall time {time.time() - t_start:.0f}s | checkpoint {os.path.join(args.out_dir, 'ckpt')}")
     if ddp:
+        # free the DDP wrapper first: its reducer holds the process group, and a gloo group freed from that last
+        # reference (later, with the GIL held) can deadlock or abort at exit (pytorch/pytorch#56297)
+        del model
         torch.distributed.destroy_process_group()

@@ -349,4 +349,7 @@ with user_errors():
             print0(f"try: python sample.py --ckpt {os.path.join(args.out_dir, 'ckpt')} "
                    f"--image {with_image['image'][0]} --prompt \"{with_image['question'].splitlines()[-1]}\"")
     if ddp:
+        # free the DDP wrapper first: its reducer holds the process group, and a gloo group freed from that last
+        # reference (later, with the GIL held) can deadlock or abort at exit (pytorch/pytorch#56297)
+        del model
         torch.distributed.destroy_process_group()

@@ -101,6 +101,7 @@ def _ddp_worker(rank, port, world, result_dir):
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         torch.save({"loss": global_loss, "params": model.state_dict(), "grads": grads},
                    os.path.join(result_dir, "ddp.pt"))
+    del ddp   # before the group goes, as train.py does: a reducer freed after it can deadlock gloo
     dist.destroy_process_group()
 
 
