@@ -14,8 +14,11 @@ Before timing, both models must produce the same greedy tokens in fp32 (else the
 
   prefill          one forward of 1 (or 4) tiles + 64 text tokens, last position's logits only, no cache
   decode b1 / b8   tokens/s after a 1-tile prompt, exactly --new-tokens tokens (no EOS), timed from the first to
-                   the last sampled token. b1 greedy. b8: nanovl3 generate(num_samples=8) (Best-of-N: one prefill,
-                   8 sampled rows); transformers a batch of 8 identical prompts; both sample at temperature 1.
+                   the last sampled token. b1 greedy, alternated with two more nanovl3 rows: the torch.compile'd
+                   step (with `compile`), and the floor, the step's matrix-vector products alone (every LLM
+                   linear layer on one row, the same kernels): what no decoder on these kernels can beat.
+                   b8: nanovl3 generate(num_samples=8) (Best-of-N: one prefill, 8 sampled rows); transformers a
+                   batch of 8 identical prompts; both sample at temperature 1.
   train            forward + backward + AdamW step on one packed row of --train-tokens tokens (an image document,
                    then text documents). nanovl3 sees doc_ids and per-document positions; transformers sees the
                    same tokens as one sequence (full causal attention, positions 0..T-1). MFU uses
@@ -24,10 +27,11 @@ Before timing, both models must produce the same greedy tokens in fp32 (else the
                    real data per second of training step.
   load             peak RSS of from_pretrained (weights saved in the requested dtype, -hf layout) in a fresh
                    process, minus the RSS after the imports, over the bytes of the weights; every page touched
-  compile          nanovl3 eager vs torch.compile: decode step (b1) and training step, and the compile time.
-CUDA: bf16, clocks read after a synchronize, compiled decode with mode="reduce-overhead". CPU: bf16 for the
-internvl3-1b shape, else fp32 (--dtype). The 1B shape's training figures need more memory than a CPU host has
-(two models with AdamW state) and are skipped there.
+  compile          nanovl3 eager vs torch.compile: decode step (b1) and training step, and the compile time
+                   (skipped for internvl3-1b on CPU).
+CUDA: bf16, clocks read after a synchronize, compiled decode with mode="reduce-overhead" (CPU: Inductor freezing,
+which pre-packs the weights). CPU: bf16 for the internvl3-1b shape, else fp32 (--dtype). The 1B shape's training
+figures need more memory than a CPU host has (two models with AdamW state) and are skipped there.
 """
 
 import argparse
@@ -252,17 +256,34 @@ def figures_of_shape(shape: str, cfg: VLConfig, dtype, model, ref, tmp: str):
             record(shape, f"prefill_{tiles}tile", f"prefill {tiles} tile{'s' * (tiles > 1)} + {args.text_tokens} "
                    f"text tokens", "ms", res["nanovl3"], res.get("transformers"), target=target)
 
-    if "decode" in figures or "compile" in figures:
+    train_ok = not (device.type == "cpu" and shape == "internvl3-1b")  # fp32 AdamW of two 1B models: > host RAM
+    compile_decode = "compile" in figures and train_ok  # CPU 1B: compiling 24 bf16 layers costs more than it shows
+    if "decode" in figures:
         ids, pix = prompt(cfg, 1, dtype, device)
     if "decode" in figures:
         for batch in (1, 8):
             fns = {k: decoder(m, model, ids, pix, batch, args.new_tokens) for k, m in impls.items()}
             warm = {k: decoder(m, model, ids, pix, batch, 3) for k, m in impls.items()}
+            if batch == 1:  # in the same alternation: the matrix-vector floor of a step, and the compiled step
+                fns["floor"] = warm["floor"] = matvec_floor(model, args.new_tokens)
+                if compile_decode:
+                    fns["compiled"] = decoder(model, model, ids, pix, 1, args.new_tokens, compile=True)
+                    first, second = timed(fns["compiled"]), timed(fns["compiled"])  # compiles, then hits the cache
+                    warm["compiled"] = lambda: None
             res = alternate(fns, warm)
             target = {("small", 1): (">=", 3.0, "ratio"), ("internvl3-1b", 1): (">=", 1.5, "ratio")}.get((shape, batch))
             how = "greedy" if batch == 1 else "Best-of-N vs 8 identical prompts, temperature 1"
             record(shape, f"decode_b{batch}", f"decode batch {batch} ({how})", "tok/s", res["nanovl3"],
                    res.get("transformers"), target=target)
+            if batch == 1:
+                record(shape, "decode_b1_floor", "decode batch 1 floor: the step's matrix-vector products alone",
+                       "tok/s", res["floor"], res.get("transformers"))
+            if batch == 1 and compile_decode:
+                record(shape, "decode_b1_compiled", "decode batch 1, torch.compile", "tok/s", res["compiled"],
+                       res.get("transformers"))
+                record(shape, "compile_decode", "decode batch 1, torch.compile / eager", "tok/s", res["compiled"],
+                       res["nanovl3"], against="eager")
+                record(shape, "compile_decode_s", "compile time, decode step", "s", [first - second])
 
     if "load" in figures:
         load_dir = os.path.join(tmp, "load")  # the weights in the requested dtype, -hf layout (both read it)
@@ -273,7 +294,6 @@ def figures_of_shape(shape: str, cfg: VLConfig, dtype, model, ref, tmp: str):
         record(shape, "load_peak", f"load peak RSS / weight bytes ({str(dtype)[6:]})", "x", res["nanovl3"],
                res.get("transformers"), target=target)
 
-    train_ok = not (device.type == "cpu" and shape == "internvl3-1b")  # fp32 AdamW of two 1B models: > host RAM
     if ("train" in figures or "sft" in figures or "compile" in figures) and not train_ok:
         print("  training figures skipped: two 1B models with fp32 AdamW state do not fit this host", flush=True)
     if "train" in figures and train_ok:
@@ -281,10 +301,10 @@ def figures_of_shape(shape: str, cfg: VLConfig, dtype, model, ref, tmp: str):
     if "sft" in figures and train_ok:
         bench_sft(shape, cfg, model)
     if "compile" in figures and train_ok:
-        bench_compile(shape, cfg, model, ids, pix)
+        bench_compile(shape, cfg, model)
 
 
-def decoder(m, model, ids, pix, batch: int, n: int):
+def decoder(m, model, ids, pix, batch: int, n: int, compile: bool = False):
     """() -> decode tokens/s of `batch` rows x n tokens, from the first sampled token to the last."""
     marks = []
 
@@ -299,7 +319,8 @@ def decoder(m, model, ids, pix, batch: int, n: int):
         marks.clear()
         if m is model:
             generate(model, [ids[0].tolist()], pix, max_new_tokens=n, num_samples=batch,
-                     temperature=0.0 if batch == 1 else 1.0, stream=lambda tokens: marks.append(clock()))
+                     temperature=0.0 if batch == 1 else 1.0, stream=lambda tokens: marks.append(clock()),
+                     compile=compile)
             first = marks[0]
         else:
             with torch.inference_mode():
@@ -309,6 +330,25 @@ def decoder(m, model, ids, pix, batch: int, n: int):
                            pad_token_id=0, streamer=Marks())
             first = marks[1]
         return batch * (n - 1) / (marks[-1] - first)
+    return fn
+
+
+def matvec_floor(model, n: int):
+    """() -> tokens/s of n decode steps that do nothing but the step's matrix-vector products: every LLM linear
+    layer once, in decode order, on one row, through the same kernels as decoding (text.Linear). The weights are
+    streamed from memory as in a real step; attention, norms, RoPE and the Python around them cost nothing here."""
+    lm = model.language_model
+    linears = [mod for mod in lm.model.layers.modules() if isinstance(mod, torch.nn.Linear)] + [lm.lm_head]
+    dtype = lm.lm_head.weight.dtype
+    xs = [torch.randn(1, 1, mod.in_features, device=device, dtype=dtype) for mod in linears]  # [1, 1, K] each
+
+    def fn():
+        with torch.inference_mode():
+            t = clock()
+            for _ in range(n - 1):
+                for mod, x in zip(linears, xs):
+                    mod(x)
+            return (n - 1) / (clock() - t)
     return fn
 
 
@@ -414,21 +454,9 @@ def bench_sft(shape: str, cfg: VLConfig, model):
 # eager vs torch.compile (nanovl3)
 
 
-def bench_compile(shape: str, cfg: VLConfig, model, ids, pix):
-    """Decode batch 1 and the training step, torch.compile against eager; compile time = first call - second."""
-    n = args.new_tokens
-
-    def compiled_decode():
-        marks = []
-        generate(model, [ids[0].tolist()], pix, max_new_tokens=n, compile=True, stream=lambda t: marks.append(clock()))
-        return (n - 1) / (marks[-1] - marks[0])
-    first, second = timed(compiled_decode), timed(compiled_decode)
-    res = alternate({"compiled": compiled_decode, "eager": decoder(model, model, ids, pix, 1, n)},
-                    {"compiled": lambda: None})
-    record(shape, "compile_decode", "decode batch 1, torch.compile / eager", "tok/s", res["compiled"], res["eager"],
-           against="eager")
-    record(shape, "compile_decode_s", "compile time, decode step", "s", [first - second])
-
+def bench_compile(shape: str, cfg: VLConfig, model):
+    """The training step, torch.compile against eager; compile time = first call - second. (The compiled decode
+    step is timed with the other decoders.)"""
     ids_t, pos, doc, pix_t, _ = packed_row(cfg, args.train_tokens, device)
     pix_t = pix_t.to(next(model.parameters()).dtype)
     model.train()

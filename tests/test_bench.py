@@ -24,7 +24,8 @@ def test_short_bench_writes_every_figure(tmp_path):
     rows = results["shapes"]["tiny"]
     hf = importlib.util.find_spec("transformers") is not None
     want = ["peak_float32", "prefill_1tile", "prefill_4tile", "decode_b1", "decode_b8", "load_peak", "train",
-            "train_mfu", "sft_packed_vs_padded", "compile_decode", "compile_decode_s", "compile_train",
+            "train_mfu", "sft_packed_vs_padded", "decode_b1_floor", "decode_b1_compiled", "compile_decode",
+            "compile_decode_s", "compile_train",
             "compile_train_s"]
     assert sorted(rows) == sorted(want)
     for key, row in rows.items():
@@ -35,6 +36,7 @@ def test_short_bench_writes_every_figure(tmp_path):
             assert s["min"] <= s["median"] <= s["max"], (key, s)
         if row["baseline"] is not None:
             assert math.isfinite(row["ratio"]) and row["ratio"] > 0, key
-    for key in ["prefill_1tile", "decode_b1", "decode_b8", "train", "load_peak"]:  # compared with transformers
+    for key in ["prefill_1tile", "decode_b1", "decode_b1_floor", "decode_b1_compiled", "decode_b8", "train",
+                "load_peak"]:  # compared with transformers
         assert (rows[key]["against"] == "transformers") == hf, key
     assert "| tiny | decode batch 1" in r.stdout  # the table

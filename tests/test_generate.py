@@ -138,3 +138,19 @@ def test_generate_with_v2pe_delta_equals_recompute(model):
                 logits = model(torch.tensor([seq]), x, position_ids=pos[None])
                 seq.append(int(logits[0, -1].argmax()))
         assert seq[len(p):] == new
+
+
+def test_compiled_decode_equals_eager_and_follows_new_weights(model):
+    """compile=True (fixed shapes, Inductor freezing on CPU) samples the eager path's greedy tokens, on a
+    left-padded batch, and still reads the weights after they change (freezing must not bake in stale ones)."""
+    model = copy.deepcopy(model)
+    prompts = [prompt_with_image(model, 1, seed=s) for s in (9, 10)]
+    ids = [prompts[0][0], prompts[1][0][:-3]]  # different lengths: the compiled step sees doc masks
+    pix = torch.cat([x for _, x in prompts])
+    before = generate(model, ids, pix, max_new_tokens=8)
+    assert generate(model, ids, pix, max_new_tokens=8, compile=True) == before
+    with torch.no_grad():
+        model.language_model.lm_head.weight.mul_(-1)  # tied to the embeddings: every step's logits change
+    after = generate(model, ids, pix, max_new_tokens=8)
+    assert after != before
+    assert generate(model, ids, pix, max_new_tokens=8, compile=True) == after
