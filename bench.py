@@ -27,8 +27,8 @@ Before timing, both models must produce the same greedy tokens in fp32 (else the
                    real data per second of training step.
   load             peak RSS of from_pretrained (weights saved in the requested dtype, -hf layout) in a fresh
                    process, minus the RSS after the imports, over the bytes of the weights; every page touched
-  compile          nanovl3 eager vs torch.compile: decode step (b1) and training step, and the compile time
-                   (skipped for internvl3-1b on CPU).
+  compile          nanovl3 eager vs torch.compile: decode step (b1, timed with `decode`) and training step, and
+                   the compile time (skipped for internvl3-1b on CPU).
 CUDA: bf16, clocks read after a synchronize, compiled decode with mode="reduce-overhead" (CPU: Inductor freezing,
 which pre-packs the weights). CPU: bf16 for the internvl3-1b shape, else fp32 (--dtype). The 1B shape's training
 figures need more memory than a CPU host has (two models with AdamW state) and are skipped there.
@@ -260,7 +260,6 @@ def figures_of_shape(shape: str, cfg: VLConfig, dtype, model, ref, tmp: str):
     compile_decode = "compile" in figures and train_ok  # CPU 1B: compiling 24 bf16 layers costs more than it shows
     if "decode" in figures:
         ids, pix = prompt(cfg, 1, dtype, device)
-    if "decode" in figures:
         for batch in (1, 8):
             fns = {k: decoder(m, model, ids, pix, batch, args.new_tokens) for k, m in impls.items()}
             warm = {k: decoder(m, model, ids, pix, batch, 3) for k, m in impls.items()}
@@ -278,7 +277,7 @@ def figures_of_shape(shape: str, cfg: VLConfig, dtype, model, ref, tmp: str):
             if batch == 1:
                 record(shape, "decode_b1_floor", "decode batch 1 floor: the step's matrix-vector products alone",
                        "tok/s", res["floor"], res.get("transformers"))
-            if batch == 1 and compile_decode:
+            if batch == 1 and compile_decode:  # the rows of the compiled step
                 record(shape, "decode_b1_compiled", "decode batch 1, torch.compile", "tok/s", res["compiled"],
                        res.get("transformers"))
                 record(shape, "compile_decode", "decode batch 1, torch.compile / eager", "tok/s", res["compiled"],
