@@ -271,15 +271,17 @@ def figures_of_shape(shape: str, cfg: VLConfig, dtype, model, ref, tmp: str):
                     warm["compiled"] = lambda: None
             res = alternate(fns, warm)
             target = {("small", 1): (">=", 3.0, "ratio"), ("internvl3-1b", 1): (">=", 1.5, "ratio")}.get((shape, batch))
+            # the target is read on the compiled step where it is timed: the decode path the issue asks for
+            eager_target, compiled_target = (None, target) if batch == 1 and compile_decode else (target, None)
             how = "greedy" if batch == 1 else "Best-of-N vs 8 identical prompts, temperature 1"
             record(shape, f"decode_b{batch}", f"decode batch {batch} ({how})", "tok/s", res["nanovl3"],
-                   res.get("transformers"), target=target)
+                   res.get("transformers"), target=eager_target)
             if batch == 1:
                 record(shape, "decode_b1_floor", "decode batch 1 floor: the step's matrix-vector products alone",
                        "tok/s", res["floor"], res.get("transformers"))
             if batch == 1 and compile_decode:  # the rows of the compiled step
                 record(shape, "decode_b1_compiled", "decode batch 1, torch.compile", "tok/s", res["compiled"],
-                       res.get("transformers"))
+                       res.get("transformers"), target=compiled_target)
                 record(shape, "compile_decode", "decode batch 1, torch.compile / eager", "tok/s", res["compiled"],
                        res["nanovl3"], against="eager")
                 record(shape, "compile_decode_s", "compile time, decode step", "s", [first - second])

@@ -23,6 +23,13 @@ from nanovl3.config import TextConfig
 _PACKED_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """CPU threads; a constant to torch.compile, whose graph would otherwise break at every Linear (it cannot trace
+    torch.get_num_threads)."""
+    return torch.get_num_threads()
+
+
 class Linear(nn.Linear):
     """nn.Linear with two fast paths for CPU inference, where a decode step is a chain of matrix-vector products.
 
@@ -31,19 +38,21 @@ class Linear(nn.Linear):
       version (an optimizer step makes a new one) and costs one more copy of these weights.
     - fp32, one row: MKL runs a matrix-vector product on one core; split the weight's rows into one block per
       thread and multiply them in one batched call, which runs a block per core: 1.9x (bit-identical on the
-      shapes we checked; up to 1 ulp on a 150k-row head).
+      shapes we checked; up to 1 ulp on a 150k-row head). Kept inside torch.compile'd decode steps too, where
+      it matters most: without it Inductor's product ran on one core.
     """
 
     def forward(self, x):
         w, b = self.weight, self.bias
-        if w.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return F.linear(x, w, b)  # training, GPUs and compiled code: the plain product
-        if _PACKED_BF16 and w.dtype == torch.bfloat16:
+        if w.device.type != "cpu" or torch.is_grad_enabled():
+            return F.linear(x, w, b)  # training and GPUs: the plain product
+        # bf16 eager: our packed copy (compiled code: Inductor's freezing packs the weights itself)
+        if _PACKED_BF16 and w.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
             key = (w.data_ptr(), w._version)
             if getattr(self, "_packed_key", None) != key:
                 self._packed, self._packed_key = torch.ops.mkldnn._reorder_linear_weight(w, 1), key
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, b, "none", [], "")
-        n, (N, K) = torch.get_num_threads(), w.shape
+        n, (N, K) = _threads(), w.shape
         if w.dtype == torch.float32 and x.numel() == K and n > 1 and N % n == 0:
             blocks = w.view(n, N // n, K).transpose(1, 2)  # [n, K, N/n]
             x1 = x.reshape(1, 1, K).expand(n, 1, K)  # [n, 1, K]: the same row for every block
