@@ -16,7 +16,8 @@ Before timing, both models must produce the same greedy tokens in fp32 (else the
   decode b1 / b8   tokens/s after a 1-tile prompt, exactly --new-tokens tokens (no EOS), timed from the first to
                    the last sampled token. b1 greedy, alternated with two more nanovl3 rows: the torch.compile'd
                    step (with `compile`), and the floor, the step's matrix-vector products alone (every LLM
-                   linear layer on one row, the same kernels): what no decoder on these kernels can beat.
+                   linear layer on one row, the same kernels, called one by one from Python): the most an
+                   eager step can reach. A compiled step, with no Python between its products, may pass it.
                    b8: nanovl3 generate(num_samples=8) (Best-of-N: one prefill, 8 sampled rows); transformers a
                    batch of 8 identical prompts; both sample at temperature 1.
   train            forward + backward + AdamW step on one packed row of --train-tokens tokens (an image document,

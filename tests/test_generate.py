@@ -154,3 +154,14 @@ def test_compiled_decode_equals_eager_and_follows_new_weights(model):
     after = generate(model, ids, pix, max_new_tokens=8)
     assert after != before
     assert generate(model, ids, pix, max_new_tokens=8, compile=True) == after
+
+
+def test_compiled_cpu_decode_is_one_graph(model):
+    """The compiled step must stay one graph: a break at every Linear (dynamo cannot trace torch.get_num_threads)
+    made CPU compiled decode slower than eager. Batch 1 takes text.Linear's split matrix-vector products."""
+    from torch._dynamo.utils import counters
+    ids, pix = prompt_with_image(model, 1, seed=11)
+    torch._dynamo.reset()
+    counters.clear()
+    assert generate(model, [ids], pix, max_new_tokens=6, compile=True) == generate(model, [ids], pix, max_new_tokens=6)
+    assert not counters["graph_break"], dict(counters["graph_break"])
