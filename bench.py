@@ -31,7 +31,7 @@ Before timing, both models must produce the same greedy tokens in fp32 (else the
   compile          nanovl3 eager vs torch.compile: decode step (b1, timed with `decode`) and training step, and
                    the compile time (skipped for internvl3-1b on CPU).
 CUDA: bf16, clocks read after a synchronize, compiled decode with mode="reduce-overhead" (CPU: Inductor freezing,
-which pre-packs the weights). CPU: bf16 for the internvl3-1b shape, else fp32 (--dtype). The 1B shape's training
+with text.Linear's split matrix-vector products inside the graph). CPU: bf16 for the internvl3-1b shape, else fp32 (--dtype). The 1B shape's training
 figures need more memory than a CPU host has (two models with AdamW state) and are skipped there.
 """
 
@@ -257,8 +257,9 @@ def figures_of_shape(shape: str, cfg: VLConfig, dtype, model, ref, tmp: str):
             record(shape, f"prefill_{tiles}tile", f"prefill {tiles} tile{'s' * (tiles > 1)} + {args.text_tokens} "
                    f"text tokens", "ms", res["nanovl3"], res.get("transformers"), target=target)
 
-    train_ok = not (device.type == "cpu" and shape == "internvl3-1b")  # fp32 AdamW of two 1B models: > host RAM
-    compile_decode = "compile" in figures and train_ok  # CPU 1B: compiling 24 bf16 layers costs more than it shows
+    cpu_1b = device.type == "cpu" and shape == "internvl3-1b"
+    train_ok = not cpu_1b  # fp32 AdamW of two 1B models: > host RAM
+    compile_decode = "compile" in figures and not cpu_1b  # its compiled bf16 step is slower than eager (measured)
     if "decode" in figures:
         ids, pix = prompt(cfg, 1, dtype, device)
         for batch in (1, 8):

@@ -12,7 +12,7 @@ Generation: prefill once into a preallocated KV cache, then decode one token at 
   it is also the fast path (text.Linear: pre-packed bf16 weights, matrix-vector products spread over the cores).
   compile=True keeps fixed shapes instead (one token, the whole cache, a causal mask), so torch.compile captures
   the step once per cache size, rounded up to 256 slots (on CUDA with mode="reduce-overhead": CUDA graphs; on CPU
-  with Inductor's freezing, which pre-packs the weights).
+  with Inductor's freezing, text.Linear's split products inside the graph).
 - the loop has no host sync per step except what the caller asks for: stop tokens (checked every step, every
   8 steps on CUDA unless streaming) and streaming.
 Shapes: B prompts, R = B * num_samples rows, L padded prompt length, S = L + max_new_tokens cache slots, V vocab.
