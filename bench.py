@@ -31,8 +31,9 @@ Before timing, both models must produce the same greedy tokens in fp32 (else the
   compile          nanovl3 eager vs torch.compile: decode step (b1, timed with `decode`) and training step, and
                    the compile time (skipped for internvl3-1b on CPU).
 CUDA: bf16, clocks read after a synchronize, compiled decode with mode="reduce-overhead" (CPU: Inductor freezing,
-with text.Linear's split matrix-vector products inside the graph). CPU: bf16 for the internvl3-1b shape, else fp32 (--dtype). The 1B shape's training
-figures need more memory than a CPU host has (two models with AdamW state) and are skipped there.
+with text.Linear's split matrix-vector products inside the graph). CPU: bf16 for the internvl3-1b shape, else fp32
+(--dtype). The 1B shape's training figures need more memory than a CPU host has (two models with AdamW state) and
+are skipped there.
 """
 
 import argparse
