@@ -2,7 +2,7 @@
 Speed bench: nanovl3 and transformers' InternVLForConditionalGeneration side by side, in one run, on the same
 random weights (transformers draws them, nanovl3 loads its -hf save, as tests/test_parity.py does).
 
-    python bench.py                                   # the small shape, every figure -> bench/results.json
+    python bench.py                                   # the small shape, every figure -> bench/results.{json,md}
     python bench.py --shape small,internvl3-1b        # also the real 1B shape (random weights, bf16 inference)
     python bench.py --short                           # tiny shape, 2 repeats, few tokens: a smoke test (~1 min;
                                                       # longer the first time, while torch.compile fills its cache)
@@ -16,8 +16,9 @@ Before timing, both models must produce the same greedy tokens in fp32 (else the
   decode b1 / b8   tokens/s after a 1-tile prompt, exactly --new-tokens tokens (no EOS), timed from the first to
                    the last sampled token. b1 greedy, alternated with two more nanovl3 rows: the torch.compile'd
                    step (with `compile`), and the floor, the step's matrix-vector products alone (every LLM
-                   linear layer on one row, the same kernels, called one by one from Python): the most an
-                   eager step can reach. A compiled step, with no Python between its products, may pass it.
+                   product on one row through the same calls, q/k/v and gate/up fused as decoding fuses them,
+                   called one by one from Python): the most an eager step can reach. A compiled step, with no
+                   Python between its products, may pass it.
                    b8: nanovl3 generate(num_samples=8) (Best-of-N: one prefill, 8 sampled rows); transformers a
                    batch of 8 identical prompts; both sample at temperature 1.
   train            forward + backward + AdamW step on one packed row of --train-tokens tokens (an image document,
@@ -39,6 +40,7 @@ are skipped there.
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -57,6 +59,14 @@ from nanovl3.model import InternVL
 from nanovl3.training import flops_per_tile, flops_per_token, measure_peak_flops
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+START = time.time()
+TABLE_NOTE = (  # the header of results.md, after the command and the machine
+    "Median of {repeats} alternated runs (min–max); ratio = nanovl3 / transformers, or compiled/eager and "
+    "packed/padded where the nanovl3 column holds both. The floor row times only the decode step's matrix-vector "
+    "products (the same calls, in the same order, one by one from Python): the most an eager step can reach; the "
+    "compiled step, with no Python between them, may pass it. The small shape's batch-1 decode target is read on "
+    "the compiled step (`generate(compile=True)`, `sample.py --compile`), the decode path the speed issue asks "
+    "for; the internvl3-1b shape is not compiled on CPU (its compiled bf16 step is slower than eager).")
 
 # -----------------------------------------------------------------------------
 # args
@@ -72,7 +82,8 @@ parser.add_argument("--train-tokens", type=int, default=2048, help="tokens of th
 parser.add_argument("--no-hf", action="store_true", help="nanovl3 figures only, even if transformers is installed")
 parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
 parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and for internvl3-1b, else fp32) | bf16 | fp32")
-parser.add_argument("--out", default="bench/results.json", help="JSON results (written atomically)")
+parser.add_argument("--out", default="bench/results.json",
+                    help="JSON results; the table goes next to it as .md (both written atomically)")
 args = parser.parse_args()
 if args.short:
     args.shape, args.repeats, args.new_tokens, args.train_tokens = "tiny", 2, 8, 384
@@ -222,6 +233,9 @@ def bench_shape(shape: str):
           f"{cfg.text.num_hidden_layers}, vocab {cfg.text.vocab_size}, {cfg.vision.image_size}-px tiles, {dtype}, "
           f"{device}", flush=True)
     RESULTS["meta"][shape] = {"dtype": str(dtype), "vision": vars(cfg.vision), "text": vars(cfg.text)}
+    # compile each shape as a fresh process would: code compiled for an earlier shape makes torch.compile recompile
+    # with dynamic shapes (measured: 1,106 s to compile the toy training step after the small shape's, 23 s alone)
+    torch._dynamo.reset()
     with tempfile.TemporaryDirectory(prefix="nanovl3-bench-") as tmp:
         t0 = time.time()
         model, ref = build_models(cfg, dtype, tmp)
@@ -338,20 +352,26 @@ def decoder(m, model, ids, pix, batch: int, n: int, compile: bool = False):
 
 
 def matvec_floor(model, n: int):
-    """() -> tokens/s of n decode steps that do nothing but the step's matrix-vector products: every LLM linear
-    layer once, in decode order, on one row, through the same kernels as decoding (text.Linear). The weights are
-    streamed from memory as in a real step; attention, norms, RoPE and the Python around them cost nothing here."""
+    """() -> tokens/s of n decode steps that do nothing but the step's matrix-vector products: every LLM product
+    once, in decode order, on one row, through the same calls as decoding (text.Linear, q/k/v and gate/up fused
+    where decoding fuses them). The weights are streamed from memory as in a real step; attention, norms, RoPE and
+    the Python around them cost nothing here."""
     lm = model.language_model
-    linears = [mod for mod in lm.model.layers.modules() if isinstance(mod, torch.nn.Linear)] + [lm.lm_head]
+    calls = []  # (first layer, the layers fused with it): the products of a step, in order
+    for block in lm.model.layers:
+        a, mlp = block.self_attn, block.mlp
+        calls += [(a.q_proj, (a.k_proj, a.v_proj)), (a.o_proj, ()), (mlp.gate_proj, (mlp.up_proj,)),
+                  (mlp.down_proj, ())]
+    calls.append((lm.lm_head, ()))
     dtype = lm.lm_head.weight.dtype
-    xs = [torch.randn(1, 1, mod.in_features, device=device, dtype=dtype) for mod in linears]  # [1, 1, K] each
+    xs = [torch.randn(1, 1, first.in_features, device=device, dtype=dtype) for first, _ in calls]  # [1, 1, K] each
 
     def fn():
         with torch.inference_mode():
             t = clock()
             for _ in range(n - 1):
-                for mod, x in zip(linears, xs):
-                    mod(x)
+                for (first, others), x in zip(calls, xs):
+                    first.fused_with(x, *others)
             return (n - 1) / (clock() - t)
     return fn
 
@@ -534,16 +554,41 @@ def load_probe(which: str, path: str, dtype) -> float:
 for shape in args.shape.split(","):
     bench_shape(shape)
 
-print("\n| shape | figure | nanovl3 | transformers | ratio | target |\n|---|---|---|---|---|---|")
-for shape, rows in RESULTS["shapes"].items():
-    for row in rows.values():
-        a, b = fmt(row["nanovl3"]), fmt(row["baseline"])
-        if row["against"] not in (None, "transformers"):  # a nanovl3-only comparison: both values in our column
-            a, b = f"{a} / {b}", "—"
-        ratio = "—" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        target = "—" if row["target"] is None else row["target"] + {True: " ✔", False: " ✘", None: ""}[row["met"]]
-        print(f"| {shape} | {row['label']} ({row['unit']}) | {a} | {b} | {ratio} | {target} |")
+def table() -> list[str]:
+    lines = ["| shape | figure | nanovl3 | transformers | ratio | target |", "|---|---|---|---|---|---|"]
+    for shape, rows in RESULTS["shapes"].items():
+        for row in rows.values():
+            a, b = fmt(row["nanovl3"]), fmt(row["baseline"])
+            if row["against"] not in (None, "transformers"):  # a nanovl3-only comparison: both values in our column
+                a, b = f"{a} / {b}", "—"
+            ratio = "—" if row["ratio"] is None else f"{row['ratio']:.2f}"
+            met = {True: " ✔", False: " ✘", None: ""}[row["met"]]
+            target = "—" if row["target"] is None else row["target"] + met
+            lines.append(f"| {shape} | {row['label']} ({row['unit']}) | {a} | {b} | {ratio} | {target} |")
+    return lines
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    if device.type == "cuda":
+        cpu = torch.cuda.get_device_name()
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, " \
+           f"transformers {RESULTS['transformers']}"
+
+
+wall = time.time() - START
+RESULTS["wall_s"] = round(wall)
+print("\n" + "\n".join(table()))
+head = (f"Command: `python {RESULTS['command']}` ({int(wall // 60)} min {int(wall % 60)} s wall, {machine()}; "
+        f"JSON in {os.path.basename(args.out)}). {TABLE_NOTE.format(repeats=args.repeats)}")
+md = "# bench.py results\n\n" + head + "\n\n" + "\n".join(table()) + "\n"
 with atomic_path(args.out) as tmp_out:
     with open(tmp_out, "w") as f:
         json.dump(RESULTS, f, indent=1)
-print(f"\nwrote {args.out}")
+with atomic_path(os.path.splitext(args.out)[0] + ".md") as tmp_md:
+    with open(tmp_md, "w") as f:
+        f.write(md)
+print(f"\nwrote {args.out} and its .md")

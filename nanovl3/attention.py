@@ -15,7 +15,7 @@ Two paths compute the same numbers:
   eager  scaled_dot_product_attention with the same rules: is_causal when possible, one causal call per document for
          a packed row, else a dense boolean mask. A decode step reads only the written slots (`Mask.kv_len`), with no
          mask at all when there is no padding. bf16/fp16 inference on CPU (packed rows aside) goes one head at a
-         time through two matmuls (`per_head_attention`: 2x ATen's CPU kernel on a ViT tile).
+         time through two matmuls (`per_head_attention`: 2x ATen's CPU kernel on a ViT tile, 5x on a decode step).
 `use_flex` picks one (see there for why). Tests check both agree to 1e-5.
 """
 
@@ -134,12 +134,18 @@ def per_head_attention(q, k, v, bias: torch.Tensor | None, budget: int = 4 << 20
     ATen's CPU flash kernel computes bf16 attention in fp32 blocks at ~170 GFLOP/s; here both products run on the
     bf16 GEMMs (~800 GFLOP/s), on as many heads at once as keep their [T,S] scores within `budget` bytes (in
     cache): 2x faster on a 1025-patch ViT tile (one head at a time), 1.5x on a 1088-token causal prompt, 2x on a
-    320-token one (all heads at once: few, large calls). The numbers are those of transformers' eager attention:
-    bf16 scores, softmax accumulated in fp32, bf16 probabilities. bias [B,1,T,S] (Mask.additive), or None for
-    bidirectional attention.
+    320-token one (all heads at once: few, large calls). ATen's kernel is slowest on one bf16 query: a decode step
+    of the 1B shape (14 query heads, 2 kv heads, 450 slots) takes 49 us a layer here against its 276 us.
+    The numbers are those of transformers' eager attention: bf16 scores, softmax accumulated in fp32, bf16
+    probabilities. bias [B,1,T,S] (Mask.additive), or None for bidirectional attention.
     """
     B, H, T, D = q.shape
-    S, rep = k.size(2), H // k.size(1)
+    S, KV = k.size(2), k.size(1)
+    rep = H // KV
+    if T == 1 and rep > 1:
+        # a decode step: the rep query heads that share a kv head become rep query rows of one product, so the
+        # cache is read once and never copied (bias [B,1,1,S] broadcasts over the rows)
+        return per_head_attention(q.view(B, KV, rep, D), k, v, bias, budget).view(B, H, 1, D)  # via [B,KV,rep,D]
     G = max(1, min(H, budget // (T * S * q.element_size())))  # heads per group
     q = q * D ** -0.5  # a power of two for D = 64, 128: exact
     out = torch.empty_like(q)
@@ -170,7 +176,7 @@ def attention(q, k, v, mask: Mask | None, flex: bool | None = None, compiled: bo
         return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     if mask is not None and mask.kv_len is not None and Tq == 1 and mask.doc_q is None:
         mask = None  # a decode query of an unpadded batch sees every written slot: no mask to build or apply
-    per_head = (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and Tq > 1
+    per_head = (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
                 and not (torch.is_grad_enabled() and q.requires_grad))  # see per_head_attention
     if mask is None:
         if per_head:
@@ -182,8 +188,12 @@ def attention(q, k, v, mask: Mask | None, flex: bool | None = None, compiled: bo
     if docs is not None:
         # a packed row: causal attention inside each document, the same numbers as the block-diagonal mask at a
         # fraction of the work (what flex_attention's block skipping buys, for the path that has a CPU backward)
-        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
-                                                         enable_gqa=gqa) for a, b in docs], dim=2)
+        # split, not slice: the backward of a split is one cat, while each slice's backward zero-fills a full-size
+        # gradient (15 documents x q, k, v x 4 layers: ~3% of bench.py's small training step)
+        sizes = [b - a for a, b in docs]
+        parts = zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2))
+        return torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
+                          for qd, kd, vd in parts], dim=2)
     if per_head:
         return per_head_attention(q, k, v, mask.additive(S, q.dtype))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(S), enable_gqa=gqa)

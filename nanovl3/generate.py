@@ -109,7 +109,7 @@ def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None 
             torch._dynamo.mark_static_address(t)
     elif compile:
         # the compiled step keeps text.Linear's split matrix-vector products (one block of rows per core), which
-        # Inductor then runs without the eager step's per-op Python: 2.07x the eager step on bench.py's small shape
+        # Inductor then runs without the eager step's per-op Python: 2.29x the eager step on bench.py's small shape
         # (bench/results.md; without the split it ran each product on one core and was slower than eager).
         # freezing lets Inductor fold the weights' views; weights changed later are still read (tested).
         step = torch.compile(model.step, options={"freezing": True})

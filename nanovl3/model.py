@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from nanovl3.attention import Mask, causal_mask
 from nanovl3.common import UserError, atomic_path, pick_device, pick_dtype
 from nanovl3.config import VLConfig, config_from_json, config_to_json
-from nanovl3.text import KVCache, Qwen2
+from nanovl3.text import KVCache, Linear, Qwen2
 from nanovl3.vision import InternViT
 
 # -----------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def make_projector(cfg: VLConfig) -> nn.Sequential:
     """`mlp1`: LayerNorm(4Cv) -> Linear(4Cv, C) -> GELU -> Linear(C, C). Index 2 (GELU) has no weights."""
     c_in = cfg.vision.hidden_size * int(1 / cfg.downsample_ratio) ** 2
     c = cfg.text.hidden_size
-    return nn.Sequential(nn.LayerNorm(c_in, eps=1e-5), nn.Linear(c_in, c), nn.GELU(), nn.Linear(c, c))
+    return nn.Sequential(nn.LayerNorm(c_in, eps=1e-5), Linear(c_in, c), nn.GELU(), Linear(c, c))
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from nanovl3.attention import attention
 from nanovl3.config import VisionConfig
-from nanovl3.text import RMSNorm  # the same norm as Qwen2's (6B ViT norm and its q/k normalisation)
+from nanovl3.text import Linear, RMSNorm  # Qwen2's norm (6B ViT norm, q/k normalisation); Linear: CPU bf16 packing
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -72,8 +72,8 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.num_attention_heads
         C = cfg.hidden_size
-        self.qkv = nn.Linear(C, 3 * C, bias=cfg.qkv_bias)  # rows ordered [q; k; v]
-        self.proj = nn.Linear(C, C)
+        self.qkv = Linear(C, 3 * C, bias=cfg.qkv_bias)  # rows ordered [q; k; v]
+        self.proj = Linear(C, C)
         self.qk_normalization = cfg.qk_normalization
         if cfg.qk_normalization:  # 6B ViT: normalise q and k over all heads at once, before the head split
             self.q_norm = RMSNorm(C, cfg.layer_norm_eps)
@@ -93,8 +93,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU, not the tanh approximation

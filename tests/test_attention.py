@@ -122,6 +122,24 @@ def test_per_head_low_precision_path(kind):
     assert (got - want).abs().max().item() <= 4 * max((sdpa - want).abs().max().item(), 2 ** -8)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_per_head_decode_step(padded):
+    """A bf16 decode step (one query, 3 query heads per kv head, folded into rows of one product): within bf16
+    rounding of the fp32 math over the written slots, with and without left padding."""
+    q, k, v = qkv(H=6, T=1, S=40)
+    doc = torch.zeros(2, 40, dtype=torch.long)
+    if padded:
+        doc[0, :7] = -1
+    mask = A.Mask(torch.full((2, 1), 29), torch.zeros(2, 1, dtype=torch.long) if padded else None,
+                  doc if padded else None, kv_len=30)
+    allowed = (torch.arange(40) <= 29) & (doc == 0)  # [B, S]
+    want = reference_attention(q, k, v, allowed[:, None, None, :])
+    with torch.no_grad():
+        got = A.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float()
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 2 ** -6
+
+
 def test_decode_reads_only_written_slots():
     """kv_len: the same numbers as masking the unwritten slots, with or without padding."""
     q, k, v = qkv(T=1, S=40)
@@ -149,3 +167,23 @@ def test_inference_linear_paths_are_exact(dtype):
         x = torch.randn(1, 64, dtype=dtype)
         assert torch.equal(lin(x), A.F.linear(x, lin.weight, lin.bias))
         assert torch.equal(copy.deepcopy(lin)(x), lin(x))  # the cache is not copied (oneDNN tensors cannot be)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_products_are_exact(bias):
+    """Linear.fused_with (q/k/v, gate/up as one bf16 product) equals the separate products bit for bit, follows
+    in-place updates of any of the weights, and is not copied by deepcopy."""
+    from nanovl3.text import Linear
+    torch.manual_seed(0)
+    layers = [Linear(64, n, bias=bias).bfloat16() for n in (96, 32, 32)]
+    with torch.no_grad():
+        for shape in [(1, 1, 64), (2, 7, 64)]:
+            x = torch.randn(*shape, dtype=torch.bfloat16)
+            got = layers[0].fused_with(x, *layers[1:])
+            assert [y.shape[-1] for y in got] == [96, 32, 32]
+            for y, layer in zip(got, layers):
+                assert torch.equal(y, A.F.linear(x, layer.weight, layer.bias))
+        layers[2].weight.mul_(2)  # an update of the last weight alone must rebuild the fused copy
+        assert torch.equal(layers[0].fused_with(x, *layers[1:])[2], A.F.linear(x, layers[2].weight, layers[2].bias))
+        clone = copy.deepcopy(layers[0])
+        assert not hasattr(clone, "_fused") and torch.equal(clone(x), layers[0](x))

@@ -39,4 +39,7 @@ def test_short_bench_writes_every_figure(tmp_path):
     for key in ["prefill_1tile", "decode_b1", "decode_b1_floor", "decode_b1_compiled", "decode_b8", "train",
                 "load_peak"]:  # compared with transformers
         assert (rows[key]["against"] == "transformers") == hf, key
-    assert "| tiny | decode batch 1" in r.stdout  # the table
+    assert "| tiny | decode batch 1" in r.stdout  # the table, printed and written next to the JSON
+    md = (tmp_path / "results.md").read_text()
+    assert "Command: `python bench.py --short --out" in md and "Median of 2 alternated runs" in md
+    assert sum(line.startswith("| tiny | ") for line in md.splitlines()) == len(rows)
