@@ -74,6 +74,8 @@ class Linear(nn.Linear):
                 and not torch.compiler.is_compiling()):
             return tuple(layer(x) for layer in layers)
         key = tuple((layer.weight.data_ptr(), layer.weight._version) for layer in layers)
+        if self.bias is not None:  # the concatenated bias is a copy too: rebuilt when any bias changes
+            key += tuple(layer.bias._version for layer in layers)
         if getattr(self, "_fused_key", None) != key:
             bias = None if self.bias is None else torch.cat([layer.bias for layer in layers])
             weight = torch.cat([layer.weight for layer in layers])  # [sum of N, K]

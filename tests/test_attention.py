@@ -167,12 +167,13 @@ def test_inference_linear_paths_are_exact(dtype):
         x = torch.randn(1, 64, dtype=dtype)
         assert torch.equal(lin(x), A.F.linear(x, lin.weight, lin.bias))
         assert torch.equal(copy.deepcopy(lin)(x), lin(x))  # the cache is not copied (oneDNN tensors cannot be)
+    assert list(lin.state_dict()) == ["weight", "bias"]  # nor saved
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_products_are_exact(bias):
     """Linear.fused_with (q/k/v, gate/up as one bf16 product) equals the separate products bit for bit, follows
-    in-place updates of any of the weights, and is not copied by deepcopy."""
+    in-place updates of any of the weights and biases, and is not copied by deepcopy."""
     from nanovl3.text import Linear
     torch.manual_seed(0)
     layers = [Linear(64, n, bias=bias).bfloat16() for n in (96, 32, 32)]
@@ -185,5 +186,9 @@ def test_fused_products_are_exact(bias):
                 assert torch.equal(y, A.F.linear(x, layer.weight, layer.bias))
         layers[2].weight.mul_(2)  # an update of the last weight alone must rebuild the fused copy
         assert torch.equal(layers[0].fused_with(x, *layers[1:])[2], A.F.linear(x, layers[2].weight, layers[2].bias))
+        if bias:
+            layers[1].bias.add_(1)  # and so must an update of one bias alone
+            assert torch.equal(layers[0].fused_with(x, *layers[1:])[1], A.F.linear(x, layers[1].weight, layers[1].bias))
         clone = copy.deepcopy(layers[0])
         assert not hasattr(clone, "_fused") and torch.equal(clone(x), layers[0](x))
+    assert all(not k.startswith("_") for k in layers[0].state_dict())  # the caches are never saved
