@@ -581,10 +581,11 @@ def machine() -> str:
 
 wall = time.time() - START
 RESULTS["wall_s"] = round(wall)
-print("\n" + "\n".join(table()))
+rows = "\n".join(table())
+print("\n" + rows)
 head = (f"Command: `python {RESULTS['command']}` ({int(wall // 60)} min {int(wall % 60)} s wall, {machine()}; "
         f"JSON in {os.path.basename(args.out)}). {TABLE_NOTE.format(repeats=args.repeats)}")
-md = "# bench.py results\n\n" + head + "\n\n" + "\n".join(table()) + "\n"
+md = "# bench.py results\n\n" + head + "\n\n" + rows + "\n"
 with atomic_path(args.out) as tmp_out:
     with open(tmp_out, "w") as f:
         json.dump(RESULTS, f, indent=1)
