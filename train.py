@@ -67,8 +67,8 @@ parser.add_argument("--max-seq-len", type=int, default=2048, help="longest sampl
 parser.add_argument("--max-tiles", type=int, default=-1, help="tiles per image (-1 = config max_dynamic_patch)")
 parser.add_argument("--skip-bad-samples", action="store_true", help="count and skip bad data lines, don't stop")
 # optimisation
-parser.add_argument("--pretrain-steps", type=int, default=400, help="optimizer steps of native pre-training")
-parser.add_argument("--sft-steps", type=int, default=2000, help="optimizer steps of SFT")
+parser.add_argument("--pretrain-steps", type=int, default=250, help="optimizer steps of native pre-training")
+parser.add_argument("--sft-steps", type=int, default=2300, help="optimizer steps of SFT")
 parser.add_argument("--max-packed-tokens", type=int, default=2048, help="tokens per packed sequence")
 parser.add_argument("--max-packed-tiles", type=int, default=48, help="tiles per packed sequence")
 parser.add_argument("--grad-accum", type=int, default=1, help="packed sequences per optimizer step (per rank)")

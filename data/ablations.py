@@ -64,7 +64,7 @@ SIZES = {
     "quick": dict(pretrain=120, sft=300, odd_sft=150, odd_train=3000, eval_per_type=40, odd_eval=40, seeds="0,1",
                   reasoning=["--n-train", "100", "--n-eval", "80", "--mpo-steps", "40", "--prm-steps", "80",
                          "--mc", "2"]),
-    "full": dict(pretrain=400, sft=2000, odd_sft=600, odd_train=6000, eval_per_type=100, odd_eval=100, seeds="0,1,2",
+    "full": dict(pretrain=250, sft=2300, odd_sft=600, odd_train=6000, eval_per_type=100, odd_eval=100, seeds="0,1,2",
                  reasoning=[]),
 }
 V2PE_ARMS = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/256": 1 / 256, "random": None}

@@ -11,10 +11,10 @@ sys.path.insert(0, os.path.join(ROOT, "data"))
 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
-    """A small toy world (60 SFT samples), made once per test session."""
+    """A small toy world (the "small" size with 3 held-out questions per type), made once per test session."""
     import toyworld
     d = tmp_path_factory.mktemp("small_world") / "toy"
-    toyworld.generate(str(d), seed=0, n_sft=60, n_pretrain=16, n_text=24, n_eval=3)
+    toyworld.generate(str(d), seed=0, **{**toyworld.SIZES["small"], "n_eval": 3})
     return d
 
 

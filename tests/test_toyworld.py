@@ -233,6 +233,38 @@ def test_scenes_visible_and_disjoint():
     assert len(sizes) >= 3  # several canvas sizes, so dynamic tiling is exercised
 
 
+def test_closeups_are_one_toy_tile():
+    from nanovl3.config import preset
+    from nanovl3.image import find_grid
+    cfg = preset("toy")
+    assert find_grid(tw.CLOSEUP, tw.CLOSEUP, 1, cfg.max_dynamic_patch, cfg.vision.image_size) == (1, 1)
+    rng = random.Random(0)
+    sizes = []
+    for _ in range(200):
+        scene = tw.closeup_scene(rng, "red", "star")
+        o, = scene.objects
+        assert (scene.width, scene.height) == (tw.CLOSEUP, tw.CLOSEUP)
+        assert o.size / 2 <= o.cx <= tw.CLOSEUP - o.size / 2 and o.size / 2 <= o.cy <= tw.CLOSEUP - o.size / 2
+        sizes.append(o.size / tw.CLOSEUP)
+    lo, hi = tw.CLOSEUP_SIZE
+    assert lo - 0.01 <= min(sizes) < lo + 0.05 and hi - 0.05 < max(sizes) <= hi + 0.01
+
+
+def test_colour_and_shape_questions_use_closeups(world):
+    from PIL import Image
+    eval_file = Path(world["eval_file"])
+    for it in read_jsonl(eval_file):
+        size = Image.open(eval_file.parent / images_of(it)[0]).size
+        assert (size == (tw.CLOSEUP, tw.CLOSEUP)) == (it["type"] in ("color", "shape")), (it["type"], size)
+    root = Path(world["root"])
+    closeups = read_jsonl(root / "sft/closeup.jsonl")
+    assert {qa["type"] for r in closeups for qa in r["qa"]} == {"color", "shape"}
+    docs = read_jsonl(root / "pretrain/interleaved.jsonl")
+    sizes = [{Image.open(root / p).size for p in d["image"]} for d in docs]
+    assert {(tw.CLOSEUP, tw.CLOSEUP)} in sizes  # captioned close-ups in pre-training too
+    assert any((tw.CLOSEUP, tw.CLOSEUP) not in s for s in sizes)
+
+
 @pytest.mark.parametrize("shape", tw.SHAPES)
 def test_render_centre_has_object_colour(shape):
     rng = random.Random(1)
