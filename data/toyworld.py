@@ -164,6 +164,18 @@ def random_spec(rng, colours=None) -> tuple:
     return rng.choice(colours or list(COLOURS)), rng.choice(SHAPES)
 
 
+def make_obj(rng, colour: str, shape: str, cx: float, cy: float, size: float) -> Obj:
+    """An object at (cx, cy), its colour jittered a little so no two pictures share exact pixel values."""
+    rgb = tuple(max(0, min(255, v + rng.randint(-10, 10))) for v in COLOURS[colour])
+    return Obj(colour, shape, rgb, round(cx, 1), round(cy, 1), round(size, 1))
+
+
+def background(rng) -> tuple:
+    # a near-constant background: with a random tint per image the shape is below the noise of any pooled feature
+    # and the toy model never learns to look at it (measured); real photos vary more, but the toy must learn fast
+    return tuple(rng.randint(243, 247) for _ in range(3))
+
+
 def sample_scene(rng, specs: list, split: bool = False) -> Scene:
     """Place objects (colour, shape) in distinct grid cells of a random canvas.
 
@@ -191,22 +203,18 @@ def sample_scene(rng, specs: list, split: bool = False) -> Scene:
         pad = 2  # keep outlines of neighbouring cells from touching
         cx = rng.uniform(c * cw + s / 2 + pad, (c + 1) * cw - s / 2 - pad)
         cy = rng.uniform(r * ch + s / 2 + pad, (r + 1) * ch - s / 2 - pad)
-        rgb = tuple(max(0, min(255, v + rng.randint(-10, 10))) for v in COLOURS[colour])
-        objects.append(Obj(colour, shape, rgb, round(cx, 1), round(cy, 1), round(s, 1)))
-    # a near-constant background: with a random tint per image the shape is below the noise of any pooled feature
-    # and the toy model never learns to look at it (measured); real photos vary more, but the toy must learn fast
-    background = tuple(rng.randint(243, 247) for _ in range(3))
+        objects.append(make_obj(rng, colour, shape, cx, cy, s))
+    bg = background(rng)
     objects.sort(key=lambda o: (o.cx, o.cy))
-    return Scene(w, h, background, tuple(objects))
+    return Scene(w, h, bg, tuple(objects))
 
 
 def closeup_scene(rng, colour: str, shape: str) -> Scene:
     """One big shape anywhere on a CLOSEUP x CLOSEUP canvas."""
     s = rng.uniform(*CLOSEUP_SIZE) * CLOSEUP
     cx, cy = (rng.uniform(s / 2 + 2, CLOSEUP - s / 2 - 2) for _ in range(2))
-    rgb = tuple(max(0, min(255, v + rng.randint(-10, 10))) for v in COLOURS[colour])
-    background = tuple(rng.randint(243, 247) for _ in range(3))
-    return Scene(CLOSEUP, CLOSEUP, background, (Obj(colour, shape, rgb, round(cx, 1), round(cy, 1), round(s, 1)),))
+    obj = make_obj(rng, colour, shape, cx, cy, s)
+    return Scene(CLOSEUP, CLOSEUP, background(rng), (obj,))
 
 
 # -----------------------------------------------------------------------------

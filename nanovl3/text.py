@@ -30,6 +30,13 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _packs(w: torch.Tensor) -> bool:
+    """Whether a product with weight w takes the pre-packed oneDNN path: eager bf16 inference on a CPU that has it
+    (compiled code: Inductor's freezing packs the weights itself)."""
+    return (_PACKED_BF16 and w.dtype == torch.bfloat16 and w.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
 class Linear(nn.Linear):
     """nn.Linear with two fast paths for CPU inference, where a decode step is a chain of matrix-vector products.
 
@@ -45,14 +52,13 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         w, b = self.weight, self.bias
-        if w.device.type != "cpu" or torch.is_grad_enabled():
-            return F.linear(x, w, b)  # training and GPUs: the plain product
-        # bf16 eager: our packed copy (compiled code: Inductor's freezing packs the weights itself)
-        if _PACKED_BF16 and w.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+        if _packs(w):  # bf16 eager: our packed copy
             key = (w.data_ptr(), w._version)
             if getattr(self, "_packed_key", None) != key:
                 self._packed, self._packed_key = torch.ops.mkldnn._reorder_linear_weight(w, 1), key
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, b, "none", [], "")
+        if w.device.type != "cpu" or torch.is_grad_enabled():
+            return F.linear(x, w, b)  # training and GPUs: the plain product
         n, (N, K) = _threads(), w.shape
         if w.dtype == torch.float32 and x.numel() == K and n > 1 and N % n == 0:
             blocks = w.view(n, N // n, K).transpose(1, 2)  # [n, K, N/n]
@@ -69,9 +75,7 @@ class Linear(nn.Linear):
         Everything else (training, fp32, GPUs, compiled code) runs the separate products.
         """
         layers = (self,) + others
-        w = self.weight
-        if not (_PACKED_BF16 and w.dtype == torch.bfloat16 and w.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+        if not _packs(self.weight):
             return tuple(layer(x) for layer in layers)
         key = tuple((layer.weight.data_ptr(), layer.weight._version) for layer in layers)
         if self.bias is not None:  # the concatenated bias is a copy too: rebuilt when any bias changes
