@@ -10,7 +10,8 @@ Stages; each writes into --out and is skipped when its output is already there (
   2. rollouts   K answers per training question, sampled from the SFT checkpoint
   3. pairs      the MMPR correctness pipeline (InternVL2.5-MPO arXiv 2411.10442 §3.1): a sampled answer with the
                 right final answer is chosen, one with a wrong answer is rejected; optional Dropout Next-Token
-                Prediction pairs (--dntp) for questions every sample got right
+                Prediction pairs (--dntp) for questions every sample got right. --grade steps also asks of a
+                chosen answer (and of a Monte-Carlo continuation) that its final answer follow from its own steps
   4. mpo        python mpo.py --init-from SFT --data pairs/meta.json
   5. prm data   VisualPRM's Monte-Carlo step labels (arXiv 2503.10291 §3): from the prefix that ends at step k,
                 sample M continuations; step k is "+" if any reaches the right answer. A correct answer is itself
@@ -135,14 +136,26 @@ def load(ckpt: str):
 # 3. preference pairs (correctness pipeline) and 5. PRM data (Monte-Carlo step labels)
 
 
-def make_pairs(rollouts: list[dict], pairs_per_question: int, seed: int, reference: bool = False) -> list[dict]:
+def solved(response: str, item: dict, grade: str) -> bool:
+    """Whether a sampled answer counts as right when building pairs and PRM labels. "answer": its final answer is
+    right (MMPR's correctness pipeline). "steps": and that answer follows from its own steps (toyworld.steps_agree).
+    The toy policy often states a wrong count and then writes the right total anyway; Monte-Carlo labels assume
+    that later steps follow earlier ones, and such a continuation makes a wrong step "+". Evaluation always grades
+    the final answer."""
+    return is_correct(response, item["answer"]) and (grade == "answer" or toyworld.steps_agree(response,
+                                                                                                item["question"]))
+
+
+def make_pairs(rollouts: list[dict], pairs_per_question: int, seed: int, reference: bool = False,
+               grade: str = "answer") -> list[dict]:
     """MMPR lines from sampled answers: right final answer -> chosen, wrong -> rejected. reference=True: when no
     sample is right, the world's reference solution is the chosen answer (MMPR itself drops such questions)."""
     rng, rows = random.Random(f"pairs/{seed}"), []
     for r in rollouts:
-        good = sorted({a for a in r["answers"] if is_correct(a, r["answer"])})
+        good = sorted({a for a in r["answers"] if solved(a, r, grade)})
         if not good and reference:
             good = [r["reference"]]
+        # rejected: a wrong final answer, whatever the grade (a right answer is never pushed down)
         bad = sorted({a for a in r["answers"] if not is_correct(a, r["answer"])})
         for _ in range(min(pairs_per_question, len(good), len(bad))):
             c, w = good.pop(rng.randrange(len(good))), bad.pop(rng.randrange(len(bad)))
@@ -150,12 +163,13 @@ def make_pairs(rollouts: list[dict], pairs_per_question: int, seed: int, referen
     return rows
 
 
-def dntp_pairs(model, tok, out: Path, rollouts: list[dict], seed: int, max_new_tokens: int = 96) -> list[dict]:
+def dntp_pairs(model, tok, out: Path, rollouts: list[dict], seed: int, max_new_tokens: int = 96,
+               grade: str = "answer") -> list[dict]:
     """Dropout Next-Token Prediction: for questions without a wrong sample, keep a correct answer as chosen and let
     the model finish its first half WITHOUT the image: the continuation is the rejected answer."""
     jobs, chosen = [], []
     for r in rollouts:
-        good = [a for a in r["answers"] if is_correct(a, r["answer"])]
+        good = [a for a in r["answers"] if solved(a, r, grade)]
         if len(good) == len(r["answers"]):
             steps = split_steps(good[0])
             jobs.append((r, "\n\n".join(steps[:max(1, len(steps) // 2)])))
@@ -166,14 +180,14 @@ def dntp_pairs(model, tok, out: Path, rollouts: list[dict], seed: int, max_new_t
 
 
 def mc_labels(model, tok, out: Path, rollouts: list[dict], per_question: int, m: int, seed: int,
-              max_new_tokens: int = 96) -> list[dict]:
+              max_new_tokens: int = 96, temperature: float = 1.0, grade: str = "answer") -> list[dict]:
     """PRM training conversations with Monte-Carlo labels, up to per_question correct and as many wrong answers
     per training question. Wrong answers are labelled step by step; a prefix that never reaches the right
     answer in m tries makes that step and every later one "-"."""
     rng, items = random.Random(f"prm/{seed}"), []
     for r in rollouts:
-        good = sorted({a for a in r["answers"] if is_correct(a, r["answer"])})
-        bad = sorted({a for a in r["answers"] if not is_correct(a, r["answer"])})
+        good = sorted({a for a in r["answers"] if solved(a, r, grade)})
+        bad = sorted({a for a in r["answers"] if not solved(a, r, grade)})
         for a in rng.sample(good, min(per_question, len(good))):
             items.append({"r": r, "steps": split_steps(a), "labels": None})
         for a in rng.sample(bad, min(per_question, len(bad))):
@@ -186,10 +200,10 @@ def mc_labels(model, tok, out: Path, rollouts: list[dict], per_question: int, m:
         for it in last:
             it["labels"].append("-")
         todo = [it for it in todo if k < len(it["steps"]) - 1]
-        outs = sample(model, tok, out, [(it["r"], "\n\n".join(it["steps"][:k + 1])) for it in todo], m, 1.0,
+        outs = sample(model, tok, out, [(it["r"], "\n\n".join(it["steps"][:k + 1])) for it in todo], m, temperature,
                       seed + 1000 * k, max_new_tokens)
         for it, conts in zip(todo, outs):
-            ok = any(is_correct(c, it["r"]["answer"]) for c in conts)
+            ok = any(solved(c, it["r"], grade) for c in conts)
             it["labels"].append("+" if ok else "-")
             it["open"] = ok
     rows = []
@@ -270,6 +284,10 @@ def main():
     parser.add_argument("--prm-per-question", type=int, default=2, help="correct and wrong answers per question")
     parser.add_argument("--prm-steps", type=int, default=300, help="train.py --sft-steps for the PRM")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of Best-of-N")
+    parser.add_argument("--rollout-temperature", type=float, default=1.0,
+                        help="sampling temperature of the rollouts and the Monte-Carlo continuations")
+    parser.add_argument("--grade", default="answer", choices=["answer", "steps"],
+                        help="what counts as a right sample for chosen answers and PRM labels (see solved())")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="longest sampled answer")
     args = parser.parse_args()
     if args.quick:
@@ -297,16 +315,16 @@ def main():
 
     def rollouts():
         model, tok = load(args.sft)
-        answers = sample(model, tok, out, [(q, "") for q in train_q], args.rollouts, 1.0, args.seed,
+        answers = sample(model, tok, out, [(q, "") for q in train_q], args.rollouts, args.rollout_temperature, args.seed,
                          args.max_new_tokens)
         write_jsonl(out / "rollouts.jsonl", [{**q, "answers": a} for q, a in zip(train_q, answers)])
     stage("rollouts", out / "rollouts.jsonl", rollouts)
     rolls = read_jsonl(out / "rollouts.jsonl")
 
     def pairs():
-        rows = make_pairs(rolls, args.pairs_per_question, args.seed, args.reference_chosen)
+        rows = make_pairs(rolls, args.pairs_per_question, args.seed, args.reference_chosen, args.grade)
         if args.dntp:
-            rows += dntp_pairs(*load(args.sft), out, rolls, args.seed, args.max_new_tokens)
+            rows += dntp_pairs(*load(args.sft), out, rolls, args.seed, args.max_new_tokens, args.grade)
         if not rows:
             raise UserError("no preference pairs: no training question got both a right and a wrong sample "
                             "(more --rollouts, or --reference-chosen)")
@@ -319,7 +337,8 @@ def main():
         out / "mpo.log"))
 
     def prm_data():
-        rows = mc_labels(*load(args.sft), out, rolls, args.prm_per_question, args.mc, args.seed, args.max_new_tokens)
+        rows = mc_labels(*load(args.sft), out, rolls, args.prm_per_question, args.mc, args.seed, args.max_new_tokens,
+                         args.rollout_temperature, args.grade)
         write_jsonl(out / "prm" / "prm.jsonl", rows)
         meta(out / "prm" / "meta.json", "prm.jsonl", length=len(rows))
     stage("prm data", out / "prm" / "meta.json", prm_data)

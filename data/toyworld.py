@@ -45,6 +45,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -425,6 +426,26 @@ def build(rng, qtype: str, target=None):
         k = rng.randint(1, 2)
         return scenes, qa("color", f"What colour is the shape in Image-{k}?", scenes[k - 1].objects[0].colour)
     raise ValueError(qtype)
+
+
+def steps_agree(response: str, question: str) -> bool:
+    """Does the final answer of a chain-of-thought reply follow from the reply's own steps (the templates above)?
+    Counting: the steps number the shapes One, Two, ... n and the answer is n. Sums: the counts the steps state (and
+    the k of "add k more") are the terms of the one "a + b = c" step, the sum is right, and the answer is c.
+    Whether the counts are true of the picture is not asked: that is the final answer's business."""
+    answer = extract_answer(response)
+    if answer is None or not answer.isdigit():
+        return False
+    answer, body = int(answer), [s.strip() for s in response.strip().split("\n\n")][:-1]
+    if body[:1] == ["I count the shapes from left to right."]:
+        words = [s.split(":")[0].lower() for s in body[1:]]
+        return all(":" in s for s in body[1:]) and words == NUM_WORDS[1:len(words) + 1] and answer == len(words)
+    counts = [int(n) for s in body for n in re.findall(r"^There (?:is|are) (\d+) shapes? in the", s)]
+    more = re.search(r"If you add (\d+) more", question)
+    terms = counts + ([int(more.group(1))] if more else [])
+    sums = [tuple(map(int, m)) for s in body for m in re.findall(r"^(\d+) \+ (\d+) = (\d+)\.$", s)]
+    return (len(body) == len(counts) + 1 and len(sums) == 1 and list(sums[0][:2]) == terms
+            and sum(terms) == sums[0][2] == answer)
 
 
 def image_tags(n_images: int) -> str:

@@ -32,6 +32,20 @@ def test_pairs_put_right_answers_first_and_never_repeat():
     assert pairs[0]["image"] == ["a.png"] and pairs[0]["question"] == "<image>\nq"
 
 
+def test_grade_steps_rejects_a_right_answer_its_steps_do_not_give():
+    q = "<image>\nIf you add 1 more shape, how many shapes will there be? Think step by step."
+    good = "There are 2 shapes in the image.\n\n2 + 1 = 3.\n\nThe answer is 3."
+    lucky = "There are 4 shapes in the image.\n\n2 + 1 = 3.\n\nThe answer is 3."  # right total, wrong chain
+    wrong = "There are 4 shapes in the image.\n\n4 + 1 = 5.\n\nThe answer is 5."
+    item = {"image": ["a.png"], "question": q, "answer": "3", "answers": [lucky, good, wrong]}
+    assert reasoning.solved(lucky, item, "answer") and not reasoning.solved(lucky, item, "steps")
+    assert reasoning.solved(good, item, "steps") and not reasoning.solved(wrong, item, "answer")
+    # "answer": either right answer may be chosen; "steps": only the one its steps give. Rejected: the wrong one
+    assert {p["chosen"] for p in reasoning.make_pairs([item], 2, seed=0, grade="answer")} <= {good, lucky}
+    pairs = reasoning.make_pairs([item], 2, seed=0, grade="steps")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(good, wrong)]
+
+
 def test_best_of_n_table_counts_disjoint_groups():
     items = [{"answer": "1"}]
     samples = [[answer("s", a) for a in (2, 2, 1, 2, 1, 1, 2, 2)]]

@@ -212,6 +212,28 @@ def test_answer_helpers():
     assert tw.cot(["a.", "b."], "4") == "a.\n\nb.\n\nThe answer is 4."
 
 
+def test_steps_agree_with_the_answer():
+    rng = random.Random(0)
+    for qtype in ("arith_two", "arith_add", "count_cot"):  # every reference solution agrees with itself
+        for _ in range(30):
+            _, qa = tw.build(rng, qtype)
+            assert tw.steps_agree(qa["reply"], qa["question"]), qa
+    add2 = "If you add 2 more shapes, how many shapes will there be? Think step by step."
+    two = "There are 3 shapes in the first image.\n\nThere is 1 shape in the second image."
+    count = "I count the shapes from left to right.\n\nOne: a red star.\n\nTwo: a blue circle."
+    assert tw.steps_agree("There are 3 shapes in the image.\n\n3 + 2 = 5.\n\nThe answer is 5.", add2)
+    assert tw.steps_agree(f"{two}\n\n3 + 1 = 4.\n\nThe answer is 4.", "")
+    assert tw.steps_agree(f"{count}\n\nThe answer is 2.", "")
+    for bad, question in [("There are 3 shapes in the image.\n\n4 + 2 = 6.\n\nThe answer is 6.", add2),  # a term
+                          ("There are 3 shapes in the image.\n\n3 + 1 = 4.\n\nThe answer is 4.", add2),  # k
+                          (f"{two}\n\n3 + 1 = 5.\n\nThe answer is 5.", ""),  # the sum
+                          (f"{two}\n\n3 + 1 = 4.\n\nThe answer is 5.", ""),  # the answer
+                          (f"{two}\n\n3 + 1 = 4.", ""),  # no final answer
+                          (f"{count}\n\nThe answer is 3.", ""),  # the count
+                          (count.replace("Two", "Three") + "\n\nThe answer is 2.", "")]:  # a skipped number
+        assert not tw.steps_agree(bad, question), bad
+
+
 def boxes_overlap(a, b):
     return abs(a.cx - b.cx) * 2 < a.size + b.size and abs(a.cy - b.cy) * 2 < a.size + b.size
 
