@@ -315,8 +315,8 @@ def main():
 
     def rollouts():
         model, tok = load(args.sft)
-        answers = sample(model, tok, out, [(q, "") for q in train_q], args.rollouts, args.rollout_temperature, args.seed,
-                         args.max_new_tokens)
+        answers = sample(model, tok, out, [(q, "") for q in train_q], args.rollouts, args.rollout_temperature,
+                         args.seed, args.max_new_tokens)
         write_jsonl(out / "rollouts.jsonl", [{**q, "answers": a} for q, a in zip(train_q, answers)])
     stage("rollouts", out / "rollouts.jsonl", rollouts)
     rolls = read_jsonl(out / "rollouts.jsonl")

@@ -87,6 +87,7 @@ SIZES = {  # --size presets for the CLI; generate() defaults are "full"
 
 NUM_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 COT_SUFFIX = "Think step by step."
+COUNT_LEAD = "I count the shapes from left to right."  # first step of a counting chain of thought
 
 # eval question types: possible answers (eval form) and whether the answer is chain-of-thought
 EVAL_TYPES = {
@@ -357,7 +358,7 @@ def ask(rng, qtype: str, scene: Scene, target=None) -> dict:
         d = describe(scene)
         return qa("describe", "Describe the image.", normalize_answer(d), reply=d)
     if qtype == "count_cot":
-        steps = ["I count the shapes from left to right."]
+        steps = [COUNT_LEAD]
         steps += [f"{NUM_WORDS[i + 1].capitalize()}: {a_obj(o)}." for i, o in enumerate(objs)]
         return qa("count", f"How many shapes are there? {COT_SUFFIX}", str(len(objs)),
                   reply=cot(steps, str(len(objs))), is_cot=True)
@@ -437,7 +438,7 @@ def steps_agree(response: str, question: str) -> bool:
     if answer is None or not answer.isdigit():
         return False
     answer, body = int(answer), [s.strip() for s in response.strip().split("\n\n")][:-1]
-    if body[:1] == ["I count the shapes from left to right."]:
+    if body[:1] == [COUNT_LEAD]:
         words = [s.split(":")[0].lower() for s in body[1:]]
         return all(":" in s for s in body[1:]) and words == NUM_WORDS[1:len(words) + 1] and answer == len(words)
     counts = [int(n) for s in body for n in re.findall(r"^There (?:is|are) (\d+) shapes? in the", s)]
