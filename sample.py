@@ -8,8 +8,8 @@ generated; everything else (prompt, timing, scores) goes to stderr.
     python sample.py --ckpt InternVL3-8B --image q.png --prompt "..." --best-of 8 --temperature 0.7 --critic VisualPRM-8B
 
 Best-of-N (InternVL3 §2.4): --best-of N samples N answers in one batch (the prompt prefilled once), a critic scores
-them (majority vote, or a VisualPRM-style checkpoint: mean step score, or outcome:PATH = last step), the best is
-printed; --show-scores lists every candidate on stderr.
+them (majority vote, or a VisualPRM-style checkpoint: mean step score, outcome:PATH = last step, vote:PATH = majority
+weighted by the mean step score), the best is printed; --show-scores lists every candidate on stderr.
 
 Reads either checkpoint layout (original OpenGVLab or transformers -hf), one file or shards, from a local directory.
 """
@@ -46,7 +46,8 @@ parser.add_argument("--seed", type=int, default=0, help="sampling seed")
 # Best-of-N
 parser.add_argument("--best-of", type=int, default=1, help="sample N answers and print the one the critic prefers")
 parser.add_argument("--critic", default="majority",
-                    help="majority | PRM checkpoint dir (mean step score) | outcome:DIR (last step's score)")
+                    help="majority | PRM checkpoint dir (mean step score) | outcome:DIR (last step's score) | "
+                         "vote:DIR (majority vote weighted by the mean step score)")
 parser.add_argument("--show-scores", action="store_true", help="with --best-of: list every candidate on stderr")
 # images
 parser.add_argument("--max-tiles", type=int, default=-1,

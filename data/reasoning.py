@@ -15,11 +15,13 @@ Stages; each writes into --out and is skipped when its output is already there (
   4. mpo        python mpo.py --init-from SFT --data pairs/meta.json
   5. prm data   VisualPRM's Monte-Carlo step labels (arXiv 2503.10291 §3): from the prefix that ends at step k,
                 sample M continuations; step k is "+" if any reaches the right answer. A correct answer is itself
-                such a continuation, so all of its steps are "+"; after the first "-" every later step is "-".
+                such a continuation, so all of its steps are "+". A conversation ends at its first "-" (see
+                mc_labels: training is teacher-forced, scoring puts "+" in every earlier turn)
   6. prm        python train.py --stage sft --init-from SFT --sft-meta prm/meta.json (the PRM conversation format)
   7. evaluate   greedy accuracy of SFT and MPO on the held-out questions; Best-of-N at N = 1, 2, 4, 8 over the
                 same 8 samples per question (N < 8: the mean over the 8/N disjoint groups), picked by the PRM
-                (mean step score), the outcome score (last step) and majority voting; pass@N as the ceiling
+                (mean step score), the outcome score (last step), the PRM-weighted majority vote and plain
+                majority voting; pass@N as the ceiling
 Writes <out>/results.json and prints the tables.
 """
 
@@ -182,8 +184,11 @@ def dntp_pairs(model, tok, out: Path, rollouts: list[dict], seed: int, max_new_t
 def mc_labels(model, tok, out: Path, rollouts: list[dict], per_question: int, m: int, seed: int,
               max_new_tokens: int = 96, temperature: float = 1.0, grade: str = "answer") -> list[dict]:
     """PRM training conversations with Monte-Carlo labels, up to per_question correct and as many wrong answers
-    per training question. Wrong answers are labelled step by step; a prefix that never reaches the right
-    answer in m tries makes that step and every later one "-"."""
+    per training question. Wrong answers are labelled step by step until a prefix never reaches the right answer
+    in m tries: that step is "-" and the conversation ends there, as PRM800K's labels stop at the first mistake.
+    Training is teacher-forced: a step after a "-" would see that "-" in an earlier assistant turn, a context that
+    scoring never shows (it puts "+" in every turn), and its label, "-" whatever the step says, would teach the PRM
+    to copy the last verdict rather than read the step."""
     rng, items = random.Random(f"prm/{seed}"), []
     for r in rollouts:
         good = sorted({a for a in r["answers"] if solved(a, r, grade)})
@@ -208,10 +213,10 @@ def mc_labels(model, tok, out: Path, rollouts: list[dict], per_question: int, m:
             it["open"] = ok
     rows = []
     for it in items:
+        # a wrong answer's labels end at its first "-"; a right answer's steps are all "+"
         labels = it["labels"] if it["labels"] is not None else ["+"] * len(it["steps"])
-        labels += ["-"] * (len(it["steps"]) - len(labels))
         rows.append({"image": it["r"]["image"],
-                     "conversations": prm_conversation(it["r"]["question"], it["steps"], labels)})
+                     "conversations": prm_conversation(it["r"]["question"], it["steps"][:len(labels)], labels)})
     return rows
 
 
@@ -230,9 +235,10 @@ def greedy_accuracy(ckpt: str, out: Path, items: list[dict], max_new_tokens: int
 
 
 def best_of_n_table(samples: list[list[str]], scores: dict, items: list[dict]) -> dict:
-    """Accuracy of each critic at each N; N < 8 averages the 8/N disjoint groups of N samples."""
+    """Accuracy of each critic at each N; N < 8 averages the 8/N disjoint groups of N samples. "vote" weights the
+    majority vote of a group by the "prm" scores of its samples."""
     table = {}
-    for name in list(scores) + ["majority", "pass@N"]:
+    for name in list(scores) + ["vote", "majority", "pass@N"]:
         table[name] = {}
         for n in NS:
             hits, groups = 0, 0
@@ -242,7 +248,9 @@ def best_of_n_table(samples: list[list[str]], scores: dict, items: list[dict]) -
                     if name == "pass@N":
                         hit = any(is_correct(a, it["answer"]) for a in group)
                     else:
-                        s = majority_vote(group) if name == "majority" else scores[name][q][g:g + n]
+                        s = (majority_vote(group) if name == "majority" else
+                             majority_vote(group, scores["prm"][q][g:g + n]) if name == "vote" else
+                             scores[name][q][g:g + n])
                         hit = is_correct(group[best_of_n(s)], it["answer"])
                     hits, groups = hits + hit, groups + 1
             table[name][str(n)] = hits / groups
@@ -271,22 +279,22 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer questions and steps (smoke test)")
     parser.add_argument("--redo", action="store_true", help="run every stage again")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=600, help="training questions (rollouts)")
+    parser.add_argument("--n-train", type=int, default=2400, help="training questions (rollouts)")
     parser.add_argument("--n-eval", type=int, default=300, help="held-out questions")
     parser.add_argument("--rollouts", type=int, default=8, help="K: sampled answers per training question")
     parser.add_argument("--pairs-per-question", type=int, default=2, help="most preference pairs per question")
     parser.add_argument("--dntp", action="store_true", help="add Dropout Next-Token Prediction pairs")
     parser.add_argument("--reference-chosen", action="store_true",
                         help="questions no sample got right: the reference solution is the chosen answer")
-    parser.add_argument("--mpo-steps", type=int, default=150, help="mpo.py --steps")
+    parser.add_argument("--mpo-steps", type=int, default=600, help="mpo.py --steps")
     parser.add_argument("--mpo-lr", type=float, default=5e-5, help="mpo.py --lr")
     parser.add_argument("--mc", type=int, default=4, help="M: continuations per step prefix for the PRM labels")
     parser.add_argument("--prm-per-question", type=int, default=2, help="correct and wrong answers per question")
-    parser.add_argument("--prm-steps", type=int, default=300, help="train.py --sft-steps for the PRM")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of Best-of-N")
-    parser.add_argument("--rollout-temperature", type=float, default=1.0,
+    parser.add_argument("--prm-steps", type=int, default=900, help="train.py --sft-steps for the PRM")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of Best-of-N")
+    parser.add_argument("--rollout-temperature", type=float, default=0.7,
                         help="sampling temperature of the rollouts and the Monte-Carlo continuations")
-    parser.add_argument("--grade", default="answer", choices=["answer", "steps"],
+    parser.add_argument("--grade", default="steps", choices=["answer", "steps"],
                         help="what counts as a right sample for chosen answers and PRM labels (see solved())")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="longest sampled answer")
     args = parser.parse_args()

@@ -7,14 +7,15 @@ Test-time scaling: sample N answers, let a critic pick one (InternVL3 arXiv 2504
     scores = prm_step_scores(prm, tok, question, responses, pixel_values, num_tiles)   # P("+") per step, per response
     best = best_of_n([aggregate(s, "mean") for s in scores])   # VisualPRM: a response scores the mean of its steps
 
-    critic = load_critic("majority" | "PRM_DIR" | "outcome:PRM_DIR")    # what sample.py --critic takes
+    critic = load_critic("majority" | "PRM_DIR" | "outcome:PRM_DIR" | "vote:PRM_DIR")   # sample.py --critic
     best = best_of_n(score_responses(critic, question, responses, pixel_values, num_tiles))
 
 The PRM is an ordinary InternVL checkpoint trained (SFT) on multi-turn conversations: the user gives the question
 and the first step, then one step per turn; the assistant answers each with "+" (correct so far) or "-" (SPEC §8).
 Reading P("+") at every assistant position of one conversation scores all steps in one forward pass.
 Critics: "majority" (self-consistency, no model), "prm" (mean of the step scores, VisualPRM), "outcome" (the
-score of the last step, which judges the whole solution: an outcome reward from the same checkpoint).
+score of the last step, which judges the whole solution: an outcome reward from the same checkpoint), "vote"
+(PRM-weighted majority: each final answer collects the mean step scores of the samples that give it).
 `question` always keeps its <image> tags; `pixel_values` [N,3,S,S] are its tiles, cut for the PRM's own config.
 Shapes: B rows of a batch, T padded tokens, C hidden size, V vocab, K judged positions (steps) in a batch.
 Tests: python -m pytest -q tests/test_critic.py
@@ -90,11 +91,19 @@ def prm_conversation(question: str, steps: list[str], labels: list[str] | None =
 # critics without a model
 
 
-def majority_vote(responses: list[str]) -> list[float]:
-    """Self-consistency: each response scores the share of responses with the same final answer."""
+def majority_vote(responses: list[str], weights: list[float] | None = None) -> list[float]:
+    """Self-consistency: each response scores the share of responses with the same final answer. With weights
+    (a critic's score per response), the share of the total weight: a weighted vote, which keeps the averaging
+    over samples that majority voting does and lets the critic discount the samples it doubts."""
+    weights = [1.0] * len(responses) if weights is None else weights
+    if len(weights) != len(responses):
+        raise ValueError(f"majority_vote: {len(responses)} responses but {len(weights)} weights")
     answers = [final_answer(r) for r in responses]
-    counts = Counter(answers)
-    return [counts[a] / len(answers) for a in answers]
+    totals = Counter()
+    for a, w in zip(answers, weights):
+        totals[a] += w
+    whole = sum(weights) or 1.0  # every weight 0: all answers tie at 0
+    return [totals[a] / whole for a in answers]
 
 
 # -----------------------------------------------------------------------------
@@ -195,21 +204,26 @@ def best_of_n(scores: list[float]) -> int:
 
 @dataclass
 class Critic:
-    """How Best-of-N ranks candidates. kind: "majority" (no model), "prm" (mean step score), "outcome" (last step)."""
+    """How Best-of-N ranks candidates. kind: "majority" (no model), "prm" (mean step score), "outcome" (last step),
+    "vote" (majority weighted by the mean step score)."""
     kind: str = "majority"
     model: InternVL | None = None
     tok: Tokenizer | None = None
     max_steps: int | None = None
 
 
-AGGREGATE = {"prm": "mean", "outcome": "last"}
+AGGREGATE = {"prm": "mean", "outcome": "last", "vote": "mean"}
 
 
 def load_critic(spec: str, dtype=None, device=None) -> Critic:
-    """'majority' | 'PRM_DIR' | 'outcome:PRM_DIR' (a checkpoint directory with its own tokenizer.json)."""
+    """'majority' | 'PRM_DIR' | 'outcome:PRM_DIR' | 'vote:PRM_DIR' (a checkpoint directory with its own
+    tokenizer.json)."""
     if spec == "majority":
         return Critic()
-    kind, path = ("outcome", spec[len("outcome:"):]) if spec.startswith("outcome:") else ("prm", spec)
+    kind, path = "prm", spec
+    for prefix in ("outcome", "vote"):
+        if spec.startswith(prefix + ":"):
+            kind, path = prefix, spec[len(prefix) + 1:]
     model = InternVL.from_pretrained(path, dtype=dtype, device=device)  # UserError for a bad directory
     tok = Tokenizer.from_dir(path)
     plus_minus_ids(tok)  # fail now, not after sampling, if "+" / "-" are not single tokens
@@ -222,6 +236,7 @@ def score_responses(critic: Critic, question: str, responses: list[str], pixel_v
     if critic.kind == "majority":
         return majority_vote(responses)
     if critic.kind not in AGGREGATE:
-        raise ValueError(f"score_responses: unknown critic '{critic.kind}' (use majority, prm or outcome)")
+        raise ValueError(f"score_responses: unknown critic '{critic.kind}' (use majority, prm, outcome or vote)")
     steps = prm_step_scores(critic.model, critic.tok, question, responses, pixel_values, num_tiles, critic.max_steps)
-    return [aggregate(s, AGGREGATE[critic.kind]) for s in steps]
+    scores = [aggregate(s, AGGREGATE[critic.kind]) for s in steps]
+    return majority_vote(responses, scores) if critic.kind == "vote" else scores

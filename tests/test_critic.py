@@ -81,6 +81,11 @@ def test_majority_vote_and_best_of_n():
     assert best_of_n(scores) == 1  # the first of the majority
     assert best_of_n(score_responses(Critic("majority"), "q", responses)) == 1
     assert best_of_n([0.1, 0.9, 0.3, 0.9]) == 1 and best_of_n([0.5]) == 0
+    # weighted: answer 3 (one sample, weight 0.9) against answer 4 (three samples, 0.2 each) and 5 (0.1)
+    weighted = majority_vote(responses, [0.9, 0.2, 0.2, 0.1, 0.2])
+    assert weighted == pytest.approx([0.9 / 1.6, 0.6 / 1.6, 0.6 / 1.6, 0.1 / 1.6, 0.6 / 1.6])
+    assert best_of_n(weighted) == 0
+    assert majority_vote(responses, [1.0] * 5) == pytest.approx(scores)  # equal weights: plain majority
 
 
 def test_aggregate():
@@ -205,8 +210,10 @@ def test_best_of_n_picks_the_prm_favourite(tok):
             else:
                 assert steps[r][k] == pytest.approx(0.5, abs=1e-6)
     assert any(s > 0.9 for s in steps[1])  # the construction works: the favourite has a step above 1/2
-    for kind in ("prm", "outcome"):
+    for kind in ("prm", "outcome", "vote"):  # vote: every final answer differs, so the heaviest is the favourite
         scores = score_responses(Critic(kind, prm, tok), question, responses)
         assert best_of_n(scores) == 1, (kind, scores)
+    vote = score_responses(Critic("vote", prm, tok), question, responses[:2] + [responses[0]] * 2)
+    assert best_of_n(vote) == 0  # two low-scored votes for 2 outweigh the favourite's one
     # majority voting on the same candidates has no favourite: all answers differ, ties go to the first
     assert best_of_n(score_responses(Critic("majority"), question, responses)) == 0

@@ -46,6 +46,29 @@ def test_grade_steps_rejects_a_right_answer_its_steps_do_not_give():
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [(good, wrong)]
 
 
+def test_mc_labels_end_each_conversation_at_its_first_minus(monkeypatch):
+    """Monte-Carlo labels with a fake sampler: a continuation reaches the right answer unless its prefix holds a
+    wrong count. The wrong answer's conversation must stop at that step (no "-" ever sits in an earlier turn)."""
+    def fake_sample(model, tok, out, jobs, n, temperature, seed, max_new_tokens=96):
+        return [[prefix + ("\n\nThe answer is 3." if "There are 2" in prefix and "1 = 4" not in prefix
+                           else "\n\nThe answer is 5.")] * n for _, prefix in jobs]
+    monkeypatch.setattr(reasoning, "sample", fake_sample)
+    right = "There are 2 shapes in the image.\n\n2 + 1 = 3.\n\nThe answer is 3."
+    slip = "There are 2 shapes in the image.\n\n2 + 1 = 4.\n\nThe answer is 4."  # right count, then a slip
+    miscount = "There are 4 shapes in the image.\n\n4 + 1 = 5.\n\nThe answer is 5."
+    roll = {"image": ["a.png"], "question": "<image>\nIf you add 1 more shape, how many?", "answer": "3",
+            "answers": [right, slip, miscount]}
+    rows = reasoning.mc_labels(None, None, None, [roll], per_question=2, m=2, seed=0)
+    got = {}
+    for row in rows:
+        turns = row["conversations"][1:]  # after the system turn: (human step, gpt label) pairs
+        steps = [t["value"].split("### Solution Process:\n")[-1] for t in turns[0::2]]
+        got[steps[0] + " / " + steps[-1]] = "".join(t["value"] for t in turns[1::2])
+    assert got == {"There are 2 shapes in the image. / The answer is 3.": "+++",
+                   "There are 2 shapes in the image. / 2 + 1 = 4.": "+-",
+                   "There are 4 shapes in the image. / There are 4 shapes in the image.": "-"}
+
+
 def test_best_of_n_table_counts_disjoint_groups():
     items = [{"answer": "1"}]
     samples = [[answer("s", a) for a in (2, 2, 1, 2, 1, 1, 2, 2)]]
@@ -55,6 +78,7 @@ def test_best_of_n_table_counts_disjoint_groups():
     assert table["prm"]["2"] == pytest.approx(2 / 4)  # groups (2,2) (1,2) (1,1) (2,2)
     assert table["prm"]["8"] == 1.0
     assert table["majority"]["8"] == 0.0  # five of eight say 2
+    assert table["vote"]["8"] == 1.0  # 2.4 of the weight says 1, 0.7 says 2
     assert table["pass@N"]["4"] == 1.0 and table["pass@N"]["2"] == pytest.approx(2 / 4)
 
 
@@ -67,7 +91,7 @@ def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.load(open(tmp_path / "results.json"))
     assert set(res["greedy"]) == {"sft", "mpo"} and res["questions"] == {"train": 4, "eval": 3}
-    for name in ("prm", "outcome", "majority", "pass@N"):
+    for name in ("prm", "outcome", "vote", "majority", "pass@N"):
         assert set(res["best_of_n"][name]) == {"1", "2", "4", "8"}
         for n, acc in res["best_of_n"][name].items():
             assert 0 <= acc <= res["best_of_n"]["pass@N"][n]  # no critic beats the ceiling

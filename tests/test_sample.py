@@ -142,9 +142,10 @@ def best_of_expected(ckpt, prompt, critic_spec, n=4, max_new_tokens=8):
     return answers, scores, best_of_n(scores)
 
 
-@pytest.mark.parametrize("critic", ["majority", "prm", "outcome"])
+@pytest.mark.parametrize("critic", ["majority", "prm", "outcome", "vote"])
 def test_best_of(ckpt, critic):
-    spec = {"majority": "majority", "prm": str(ckpt / "ckpt"), "outcome": f"outcome:{ckpt / 'ckpt'}"}[critic]
+    spec = {"majority": "majority", "prm": str(ckpt / "ckpt"), "outcome": f"outcome:{ckpt / 'ckpt'}",
+            "vote": f"vote:{ckpt / 'ckpt'}"}[critic]
     r = run("--ckpt", ckpt / "ckpt", "--image", ckpt / "red.png", "--prompt", "What colour is it?",
             "--max-new-tokens", 8, "--best-of", 4, "--temperature", 1, "--critic", spec, "--show-scores")
     assert r.returncode == 0, r.stderr
