@@ -86,6 +86,8 @@ def test_majority_vote_and_best_of_n():
     assert weighted == pytest.approx([0.9 / 1.6, 0.6 / 1.6, 0.6 / 1.6, 0.1 / 1.6, 0.6 / 1.6])
     assert best_of_n(weighted) == 0
     assert majority_vote(responses, [1.0] * 5) == pytest.approx(scores)  # equal weights: plain majority
+    with pytest.raises(ValueError, match="5 responses but 4 weights"):
+        majority_vote(responses, [1.0] * 4)
 
 
 def test_aggregate():
