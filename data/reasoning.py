@@ -144,8 +144,9 @@ def solved(response: str, item: dict, grade: str) -> bool:
     The toy policy often states a wrong count and then writes the right total anyway; Monte-Carlo labels assume
     that later steps follow earlier ones, and such a continuation makes a wrong step "+". Evaluation always grades
     the final answer."""
-    return is_correct(response, item["answer"]) and (grade == "answer" or toyworld.steps_agree(response,
-                                                                                                item["question"]))
+    if not is_correct(response, item["answer"]):
+        return False
+    return grade == "answer" or toyworld.steps_agree(response, item["question"])
 
 
 def make_pairs(rollouts: list[dict], pairs_per_question: int, seed: int, reference: bool = False,
