@@ -6,7 +6,7 @@ and one Pillow plot per claim.
     python data/ablations.py --quick                 # every ablation, reduced, on a 2-core CPU (<= 30 min)
     python data/ablations.py                         # the full form (default toy recipe per arm, 3 seeds): one GPU
     python data/ablations.py --only loss,jpeg --seeds 0,1,2 --out runs/abl
-    python data/ablations.py --quick --publish data/results/ablations   # also copy results.json + plots there
+    python data/ablations.py --quick --out runs/abl_quick --publish data/results/ablations_quick   # + a copy there
 
 Ablations (--only picks some):
   native  InternVL3 §2.2, native vs post-hoc: (a) pre-training updates every parameter on interleaved image-text
@@ -14,14 +14,14 @@ Ablations (--only picks some):
           with the LLM frozen (half the steps each: the same tokens). Both then get the same SFT. Held-out VQA
           accuracy and pure-text perplexity.
   v2pe    InternVL3 Table 12, the V2PE step δ: fine-tuned from the same native checkpoint on a multi-image task
-          ("Which colour is in only one picture?" over 3-4 one-shape pictures) with δ in {1, 1/4, 1/16, 1/256}
+          ("Which colour is in only one picture?" over 3-4 close-ups) with δ in {1, 1/4, 1/16, 1/256}
           or random per image; evaluated on 4, 8 and 16 pictures, longer than any training sample. Fixed-δ arms
           are evaluated at their δ, the random arm at each of the four (the paper's table). The paper applies V2PE
           in pre-training; here δ is applied in the fine-tuning on the task, from the shared native checkpoint.
   loss    InternVL2.5 §4, loss averaging: SFT with token, sample and square averaging on the toy mix, whose answers
           are one word (VQA) or a 5-10 line chain of thought (arithmetic); accuracy on short and on long answers.
   jpeg    InternVL2.5 §4, random JPEG compression (quality 75-100) in SFT, on and off; evaluated on the held-out
-          pictures as they are and re-encoded as JPEG at quality 40.
+          pictures as they are and re-encoded as JPEG at quality 40 and 10.
   mpo     MPO vs SFT only, and Best-of-N with the toy VisualPRM (data/reasoning.py on each seed's SFT checkpoint).
 Arms are cached: one whose directory holds a DONE file with the same command is not run again (--redo: rerun all).
 Writes <out>/results.json (per arm and seed, mean and spread over seeds, wall times), <out>/<ablation>.png and
@@ -71,7 +71,7 @@ V2PE_ARMS = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/256": 1 / 256, "random": 
 FIXED_DELTAS = {k: d for k, d in V2PE_ARMS.items() if d is not None}   # the random arm is evaluated at each
 ODD_IMAGES = (4, 8, 16)      # pictures per evaluation question (training uses 3-4)
 ODD_QUESTION = "Which colour is in only one picture?"
-JPEG_QUALITY = 40            # the degraded held-out pictures: harsher than the 75-100 seen in training
+JPEG_QUALITIES = (40, 10)    # the degraded held-out pictures: harsher than the 75-100 seen in training
 SHORT_TYPES = ["color", "shape", "count", "count_color", "position"]   # one-word answers
 LONG_TYPES = ["arith"]                                                # chain of thought, "The answer is X."
 
@@ -81,11 +81,12 @@ LONG_TYPES = ["arith"]                                                # chain of
 
 
 def make_odd_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
-    """The long multi-image task: "Which colour is in only one picture?" over n pictures of one shape each, all
-    of one colour but one. It needs only colour (which the toy model reads best) and a look at every picture.
-    Training questions have 3-4 pictures, evaluation ones ODD_IMAGES. A pool of 20 pictures per (colour, shape)
-    is rendered once and drawn from."""
-    if (read := toyworld.read_done(root)) and read == {"n_train": n_train, "n_eval": n_eval}:
+    """The long multi-image task: "Which colour is in only one picture?" over n close-ups (one big shape on one
+    toy tile, as in the colour questions of the toy world), all of one colour but one. It needs only colour (which
+    the toy model reads best) and a look at every picture. Training questions have 3-4 pictures, evaluation ones
+    ODD_IMAGES. A pool of 20 pictures per (colour, shape) is rendered once and drawn from."""
+    params = {"n_train": n_train, "n_eval": n_eval, "pictures": "closeup"}
+    if toyworld.read_done(root) == params:
         return
     rng = random.Random(f"ablations/odd/{seed}")
     pool, items = {}, []   # colour -> [relative path]; [(relative path, Scene)]
@@ -93,7 +94,7 @@ def make_odd_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
         for shape in toyworld.SHAPES:
             for k in range(20):
                 rel = f"images/{colour}_{shape}_{k:02d}.png"
-                items.append((rel, toyworld.sample_scene(rng, [(colour, shape)])))
+                items.append((rel, toyworld.closeup_scene(rng, colour, shape)))
                 pool.setdefault(colour, []).append(rel)
     toyworld.render_all(root, items)
 
@@ -115,7 +116,7 @@ def make_odd_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
     toyworld.write_json(root / "meta.json", {"toy_odd": {"root": ".", "annotation": "train.jsonl", "repeat_time": 1,
                                                          "data_augment": False, "max_dynamic_patch": 1,
                                                          "length": len(train)}})
-    toyworld.write_json(root / "DONE", {"n_train": n_train, "n_eval": n_eval})
+    toyworld.write_json(root / "DONE", params)
 
 
 def make_nojpeg_meta(world: Path, out: Path) -> Path:
@@ -130,8 +131,8 @@ def make_nojpeg_meta(world: Path, out: Path) -> Path:
     return out / "meta.json"
 
 
-def make_jpeg_eval(world: Path, out: Path) -> Path:
-    """The held-out questions with every picture re-encoded as JPEG at JPEG_QUALITY (stored as PNG: lossless)."""
+def make_jpeg_eval(world: Path, out: Path, quality: int) -> Path:
+    """The held-out questions with every picture re-encoded as JPEG at `quality` (stored as PNG: lossless)."""
     if (out / "eval.jsonl").is_file():
         return out / "eval.jsonl"
     src = world / "eval"
@@ -140,7 +141,7 @@ def make_jpeg_eval(world: Path, out: Path) -> Path:
                                                     else r.get("image") or [])}):
         dst = out / path
         dst.parent.mkdir(parents=True, exist_ok=True)
-        jpeg_roundtrip(Image.open(src / path), JPEG_QUALITY).save(dst)
+        jpeg_roundtrip(Image.open(src / path), quality).save(dst)
     toyworld.write_jsonl(out / "eval.jsonl", rows)
     return out / "eval.jsonl"
 
@@ -306,16 +307,17 @@ def ablation_loss(R: Runner, seeds, world: Path, device):
 
 def ablation_jpeg(R: Runner, seeds, world: Path, device):
     nojpeg = make_nojpeg_meta(world, R.out / "data" / "nojpeg")
-    degraded = make_jpeg_eval(world, R.out / "data" / f"eval_jpeg{JPEG_QUALITY}")
+    degraded = {q: make_jpeg_eval(world, R.out / "data" / f"eval_jpeg{q}", q) for q in JPEG_QUALITIES}
     rows = {}
     for seed in seeds:
         for name in ("JPEG augmentation", "no augmentation"):
             arm = R.sft_native(seed) if name == "JPEG augmentation" else \
                 R.sft("sft_nojpeg", seed, R.pt_native(seed), "--sft-meta", nojpeg)
-            clean = accuracy(arm, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)
-            jpeg = accuracy(arm, f"jpeg{JPEG_QUALITY}", degraded, R.size["eval_per_type"], device)
-            for k, v in (("clean", mean(list(clean.values()))), (f"jpeg_q{JPEG_QUALITY}", mean(list(jpeg.values())))):
-                rows.setdefault(name, {}).setdefault(k, []).append(v)
+            m = {"clean": accuracy(arm, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)}
+            m |= {f"jpeg_q{q}": accuracy(arm, f"jpeg{q}", f, R.size["eval_per_type"], device)
+                  for q, f in degraded.items()}
+            for k, acc in m.items():
+                rows.setdefault(name, {}).setdefault(k, []).append(mean(list(acc.values())))
     return {"arms": {a: summarise(r) for a, r in rows.items()}, "arm_dirs": ["pt_native", "sft_native", "sft_nojpeg"]}
 
 
@@ -366,13 +368,13 @@ def draw(name: str, res: dict, out: Path, n_seeds: int):
         vals = [[pct(arms[a][g])[0] for a in arms] for g in groups]
         errs = [[pct(arms[a][g])[1] for a in arms] for g in groups]
         title = {"loss": "SFT loss averaging: accuracy by answer length",
-                 "jpeg": f"JPEG augmentation: accuracy on clean and JPEG q={JPEG_QUALITY} pictures"}[name]
+                 "jpeg": "JPEG augmentation: accuracy on clean and JPEG-compressed pictures"}[name]
         labels = [g.replace("_", " ") for g in groups]
         plot.bar_chart(path, title + sub, labels, list(arms), vals, errs, ylabel="accuracy (%)", ymax=100)
     elif name == "mpo":
         r = arms["reasoning"]
         ns = [1, 2, 4, 8]
-        series = {c: [pct(r[f"{c}_N{n}"])[0] for n in ns] for c in ("prm", "majority", "outcome", "pass@N")}
+        series = {c: [pct(r[f"{c}_N{n}"])[0] for n in ns] for c in ("prm", "vote", "majority", "outcome", "pass@N")}
         errors = {c: [pct(r[f"{c}_N{n}"])[1] for n in ns] for c in series}
         series["greedy SFT"] = [pct(r["greedy_sft"])[0]] * len(ns)
         series["greedy MPO"] = [pct(r["greedy_mpo"])[0]] * len(ns)
@@ -435,7 +437,8 @@ def main():
         res["plot"] = f"{name}.png"
         results["ablations"][name] = res
         print(f"== {name}: {res['seconds']:.0f}s; arms' training {res['train_seconds']:.0f}s", flush=True)
-    results["wall_seconds"] = round(time.time() - t0, 1)
+    results["wall_seconds"] = round(time.time() - t0, 1)   # this invocation: arms from the cache cost nothing
+    results["arms_seconds"] = round(sum(R.wall.values()), 1)  # every arm's own run, each counted once
     R.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(str(R.out / "results.json")) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=1)
@@ -461,6 +464,11 @@ def report(out: Path, publish: Path | None):
           f"{', '.join(str(f) for f in [out] + ([publish] if publish else []))}")
 
 
+# the Best-of-N critics the table judges: VisualPRM's own rule (the highest mean step score), and the PRM-weighted
+# vote (sample.py --critic vote:), the one that rises with N on the toy (see the README's MPO section)
+MPO_CRITICS = {"prm": "PRM mean", "vote": "PRM-weighted vote"}
+
+
 # what each paper reports, and the toy comparison that would agree with it: (toy value, toy baseline) pairs whose
 # difference should be > 0; "within noise" when it is smaller than the larger spread over seeds
 CLAIMS = {
@@ -481,13 +489,15 @@ CLAIMS = {
                         ("sample − token, short answers", a["sample"]["short_answers"], a["token"]["short_answers"],
                          "higher")]),
     "jpeg": ("InternVL2.5 §4: random JPEG compression makes the model robust to compressed pictures",
-             lambda a: [(f"with − without, JPEG q={JPEG_QUALITY} pictures", a["JPEG augmentation"][f"jpeg_q{JPEG_QUALITY}"],
-                         a["no augmentation"][f"jpeg_q{JPEG_QUALITY}"], "higher")]),
+             lambda a: [(f"with − without, JPEG q={q} pictures", a["JPEG augmentation"][f"jpeg_q{q}"],
+                         a["no augmentation"][f"jpeg_q{q}"], "higher") for q in JPEG_QUALITIES]),
     "mpo": ("InternVL3 §2.4: MPO beats SFT on reasoning; Best-of-N with VisualPRM rises with N and beats "
             "self-consistency",
             lambda a: [("MPO − SFT, greedy", a["reasoning"]["greedy_mpo"], a["reasoning"]["greedy_sft"], "higher"),
-                       ("PRM N=8 − N=1", a["reasoning"]["prm_N8"], a["reasoning"]["prm_N1"], "higher"),
-                       ("PRM − majority, N=8", a["reasoning"]["prm_N8"], a["reasoning"]["majority_N8"], "higher")]),
+                       *[(f"{name} N=8 − N=1", a["reasoning"][f"{c}_N8"], a["reasoning"][f"{c}_N1"], "higher")
+                         for c, name in MPO_CRITICS.items()],
+                       *[(f"{name} − majority, N=8", a["reasoning"][f"{c}_N8"], a["reasoning"]["majority_N8"],
+                          "higher") for c, name in MPO_CRITICS.items()]]),
 }
 
 
@@ -500,7 +510,9 @@ def verdict(cell, base, want: str) -> str:
 
 def markdown(results: dict) -> str:
     """The README's table: each claim, the toy comparison (in points of accuracy), and whether they agree."""
-    lines = [f"`{results['command']}` on {results['machine']}; seeds {results['seeds']}, size {results['size']}.", "",
+    took = f"; the arms trained for {results['arms_seconds'] / 60:.0f} min" if "arms_seconds" in results else ""
+    lines = [f"`{results['command']}` on {results['machine']}; seeds {results['seeds']}, size {results['size']}{took}.",
+             "",
              "| ablation | the paper | toy comparison | toy (points, mean ± spread) | agrees |", "|---|---|---|---|---|"]
     for name, res in results["ablations"].items():
         claim, rows = CLAIMS[name]

@@ -20,6 +20,9 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
     res = json.loads((tmp_path / "pub" / "results.json").read_text())
     assert list(res["ablations"]) == ["native", "v2pe", "loss", "jpeg", "mpo"]
     assert res["seeds"] == [0, 1] and "CPU cores" in res["machine"]
+    # every arm counted once: at least the arms of any one ablation, at most those of all of them (shared arms)
+    train = [ab["train_seconds"] for ab in res["ablations"].values()]
+    assert max(train) <= res["arms_seconds"] <= sum(train)
     for name, ab in res["ablations"].items():
         img = Image.open(tmp_path / "pub" / ab["plot"])
         assert img.size == (720, 420)
@@ -35,6 +38,8 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
     for name in res["ablations"]:   # every ablation has a row with a computed verdict
         rows = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
         assert rows and all(line.rstrip(" |").endswith(("yes", "no", "within noise")) for line in rows)
+    assert {"PRM mean − majority, N=8", "PRM-weighted vote − majority, N=8"} <= \
+        {line.split(" | ")[2] for line in table.splitlines() if line.startswith("| mpo |")}
     # the arms are cached: a second run trains nothing and gives the same table
     r2 = subprocess.run(cmd[:-2] + ["--only", "loss"], capture_output=True, text=True)
     assert r2.returncode == 0, r2.stderr[-3000:]
