@@ -46,7 +46,8 @@ parser.add_argument("--resume", action="store_true", help="continue from <out-di
 parser.add_argument("--seed", type=int, default=0, help="seed of init, data order and augmentation")
 parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
 parser.add_argument("--dtype", default=None, help="autocast dtype on CUDA (default bfloat16); CPU trains in fp32")
-parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (on CUDA it recompiles for new tile counts: see README)")
 # model
 parser.add_argument("--preset", default="toy", help="model shape when training from scratch (toy, internvl3-1b, ...)")
 parser.add_argument("--init-from", default="", help="start from a checkpoint directory (ours or official, any layout)")

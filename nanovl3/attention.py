@@ -25,10 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-# torch.compile(flex_attention) compiles lazily, once per shape. Static shapes on purpose: with dynamic=True,
-# torch 2.13's CPU flex kernel fails to build (an Inductor C++ codegen error, cur_kvSplitSize undeclared).
-# Training packs to a fixed length and a prompt is prefilled once, so few shapes occur.
+# torch.compile(flex_attention) compiles lazily. On CPU with static shapes, once per shape: with dynamic=True,
+# torch 2.13's CPU flex kernel fails to build (an Inductor C++ codegen error, cur_kvSplitSize undeclared); CPU
+# training takes the eager path and a prompt is prefilled once, so few shapes occur there. On CUDA with dynamic
+# shapes: the ViT's batch (tiles per step) and the prompts' lengths change all the time, and once dynamo's
+# recompile limit (8) is hit, flex quietly runs unfused, materialising every score (measured on an H100 with static
+# shapes: SFT at 2.4k tok/s, slower than the 2-core CPU's 5.9k).
 _flex_compiled = torch.compile(flex_attention, dynamic=False)
+_flex_compiled_cuda = torch.compile(flex_attention, dynamic=True)
 
 # On CPU, compiling flex costs ~16 s the first time and a few s per new shape family, so it only pays off when the
 # user asked for compilation (sample.py --compile, train.py --compile). Set by `enable_cpu_flex`.
@@ -111,6 +115,16 @@ class Mask:
         return self.doc_q is None and self.q_slot.size(1) == S and self.q_slot[0, 0].item() == 0
 
     def block_mask(self, Tq: int, S: int):
+        """flex_attention's BlockMask of the rules, built once per mask and shared by every layer."""
+        cached = getattr(self, "_block_mask", None)
+        if cached is None or cached.shape[-2:] != (Tq, S):
+            cached = self._block_mask = self._build_block_mask(Tq, S)
+        return cached
+
+    # built eagerly, also inside a compiled model (one graph break per forward): traced with dynamic shapes, torch
+    # 2.11's Inductor cannot split the padded length into 128-blocks (CantSplit, seen with train.py --compile on CUDA)
+    @torch.compiler.disable
+    def _build_block_mask(self, Tq: int, S: int):
         q_slot, doc_q, doc_kv = self.q_slot, self.doc_q, self.doc_kv
 
         def mask_mod(b, h, qi, kj):
@@ -171,8 +185,13 @@ def attention(q, k, v, mask: Mask | None, flex: bool | None = None, compiled: bo
     S = k.size(2)
     gqa = k.size(1) != H
     if flex:
+        if torch.is_autocast_enabled(q.device.type):
+            # flex is not on autocast's list (SDPA is): cast as autocast casts SDPA, or q and k (fp32 after RoPE)
+            # would meet a bf16 v, and every call would compile a second time for the other dtype
+            dt = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         block_mask = None if mask is None else mask.block_mask(Tq, S)
-        fn = _flex_compiled if compiled else flex_attention
+        fn = (_flex_compiled_cuda if q.is_cuda else _flex_compiled) if compiled else flex_attention
         return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     if mask is not None and mask.kv_len is not None and Tq == 1 and mask.doc_q is None:
         mask = None  # a decode query of an unpadded batch sees every written slot: no mask to build or apply

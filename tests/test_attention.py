@@ -33,14 +33,14 @@ def reference_attention(q, k, v, allowed):
     return s.softmax(-1) @ v
 
 
-def masks(B, T):
-    docs = torch.tensor([[0] * 10 + [1] * 25 + [-1] * 5, [0] * 40])[:B, :T]  # packed docs + tail padding
-    left = torch.tensor([[-1] * 6 + [0] * 34, [0] * 40])[:B, :T]  # left padding of a generation batch
+def masks(B, T, device="cpu"):
+    docs = torch.tensor([[0] * 10 + [1] * 25 + [-1] * 5, [0] * 40], device=device)[:B, :T]  # packed + tail pad
+    left = torch.tensor([[-1] * 6 + [0] * 34, [0] * 40], device=device)[:B, :T]  # left padding of a generation batch
     return {
         "full": None,
-        "causal": A.causal_mask(B, T, "cpu"),
-        "packed": A.causal_mask(B, T, "cpu", docs),
-        "left_pad": A.causal_mask(B, T, "cpu", left),
+        "causal": A.causal_mask(B, T, device),
+        "packed": A.causal_mask(B, T, device, docs),
+        "left_pad": A.causal_mask(B, T, device, left),
     }
 
 
@@ -82,6 +82,49 @@ def test_path_choice():
         assert not A.use_flex(q.requires_grad_())  # no flex backward on CPU
     finally:
         A.enable_cpu_flex(False)
+
+
+# CUDA takes compiled flex in training too (forward and backward); these run on a GPU machine, not in CI
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["full", "causal", "packed", "left_pad"])
+def test_cuda_flex_equals_eager_with_grads(kind):
+    """Outputs and gradients of compiled flex equal the eager path's (fp32; Triton's dots may round to TF32)."""
+    q, k, v = (t.cuda() for t in qkv())
+    mask = masks(2, 40, "cuda")[kind]
+    outs, grads = [], []
+    for flex in (False, True):
+        qkv_ = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = A.attention(*qkv_, mask, flex=flex)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad for t in qkv_])
+    assert (outs[0] - outs[1]).abs().max().item() <= 2e-3
+    for g_eager, g_flex in zip(*grads):
+        assert (g_eager - g_flex).abs().max().item() <= 5e-3 * max(1.0, g_eager.abs().max().item())
+
+
+@cuda
+def test_cuda_flex_stays_compiled(monkeypatch):
+    """Training's shapes change every step (tiles per batch, packed lengths) and run under bf16 autocast, where q
+    and k leave RoPE in fp32 beside a bf16 v. Compiled flex must absorb that without reaching dynamo's recompile
+    limit, past which it silently runs unfused (here: an error instead)."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    for step, tiles in enumerate([3, 7, 12, 5, 9, 16, 2, 11, 4, 13]):
+        for autocast in (False, True):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                vit = [t.cuda().requires_grad_() for t in qkv(B=tiles, H=4, KV=4, T=17, seed=step)]
+                A.attention(*vit, None).float().sum().backward()  # the ViT: bidirectional over a tile's patches
+                T = 40 + 24 * step  # the LLM: one packed row of three documents
+                q, k, v = [t.cuda().requires_grad_() for t in qkv(B=1, T=T, seed=step)]
+                docs = (torch.arange(T, device="cuda") * 3 // T)[None]  # [1, T]
+                out = A.attention(q, k, v.bfloat16() if autocast else v, A.causal_mask(1, T, "cuda", docs))
+                out.float().sum().backward()
+                assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+                assert q.grad is not None and v.grad is not None
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["flex-eager", "flex-compiled"])
