@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,3 +54,21 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "ablations.py"), "--out", str(tmp_path), *flags],
                            capture_output=True, text=True)
         assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_verdict_pairs_the_seeds():
+    """A difference is judged seed by seed: one that every seed shows counts even when the seeds' levels differ
+    (unpaired, the arms' spreads would hide it); one below the 2-point floor never counts."""
+    sys.path.insert(0, os.path.join(ROOT, "data"))
+    import ablations as A
+
+    def cell(*seeds):
+        return A.summarise({"m": list(seeds)})["m"]
+    easy_hard = cell(0.80, 0.60), cell(0.70, 0.50)        # +10 points on both seeds; each arm's spread is 10
+    assert A.paired(*easy_hard) == pytest.approx((0.1, 0.0))
+    assert A.verdict(*easy_hard, "higher") == "yes"
+    assert A.verdict(easy_hard[1], easy_hard[0], "higher") == "no"
+    assert A.verdict(cell(0.80, 0.50), cell(0.70, 0.60), "higher") == "within noise"   # +10 and -10
+    assert A.verdict(cell(0.51, 0.61), cell(0.50, 0.60), "higher") == "within noise"   # +1 on both: below the floor
+    assert A.verdict(cell(0.49, 0.59), cell(0.50, 0.60), "comparable") == "yes"
+    assert A.verdict(cell(0.40, 0.50), cell(0.50, 0.60), "comparable") == "no"
