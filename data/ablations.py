@@ -504,8 +504,8 @@ CLAIMS = {
 def paired(cell, base) -> tuple[float, float]:
     """cell − base seed by seed (the arms of one seed share its initialisation and data order, so that seed's luck
     cancels) -> mean and population std over seeds of the differences."""
-    d = [a - b for a, b in zip(cell["seeds"], base["seeds"], strict=True)]
-    return mean(d), pstdev(d) if len(d) > 1 else 0.0
+    d = summarise({"diff": [a - b for a, b in zip(cell["seeds"], base["seeds"], strict=True)]})["diff"]
+    return d["mean"], d["spread"]
 
 
 # 2 points: about the sampling error of one accuracy over the 300-600 questions of an arm (sqrt(p(1-p)/n) at
