@@ -5,6 +5,7 @@ and one Pillow plot per claim.
 
     python data/ablations.py --quick                 # every ablation, reduced, on a 2-core CPU (<= 30 min)
     python data/ablations.py                         # the full form (default toy recipe per arm, 3 seeds): one GPU
+    python data/ablations.py --jobs 8                # the same, 8 arms at once (for a GPU: one toy arm leaves it idle)
     python data/ablations.py --only loss,jpeg --seeds 0,1,2 --out runs/abl
     python data/ablations.py --quick --out runs/abl_quick --publish data/results/ablations_quick   # + a copy there
 
@@ -24,6 +25,8 @@ Ablations (--only picks some):
           pictures as they are and re-encoded as JPEG at quality 40 and 10.
   mpo     MPO vs SFT only, and Best-of-N with the toy VisualPRM (data/reasoning.py on each seed's SFT checkpoint).
 Arms are cached: one whose directory holds a DONE file with the same command is not run again (--redo: rerun all).
+An arm that several ablations share (pt_native, sft_native) is trained once; with --jobs N, the ablations and seeds
+run side by side, each waiting for the arms it needs, N arms training at a time; evaluation stays one at a time.
 Writes <out>/results.json (per arm and seed, mean and spread over seeds, wall times), <out>/<ablation>.png and
 <out>/results.md (the README's table: each paper claim, the toy comparison, agree or not; --report redraws them).
 """
@@ -36,7 +39,9 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean, pstdev
 
@@ -151,31 +156,63 @@ def make_jpeg_eval(world: Path, out: Path, quality: int) -> Path:
 
 
 class Runner:
+    """Runs the arms: each once (ablations that share an arm wait for it), at most `jobs` at a time."""
+
     def __init__(self, args, size, world: Path):
         self.args, self.size, self.world = args, size, world
         self.out = Path(args.out).resolve()
         self.wall = {}   # arm dir -> seconds its run took (as recorded in DONE when it came from the cache)
+        self.lock = threading.Lock()
+        self.started = {}   # arm dir -> Future of its directory, for the ablations that ask for it while it runs
+        self.slots = threading.BoundedSemaphore(args.jobs)
+        self.procs, self.failed = set(), None   # running train.py processes; the first UserError
+        # torch's threads split between the arms that run at once (unless OMP_NUM_THREADS says otherwise)
+        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        self.env = os.environ if args.jobs == 1 else {"OMP_NUM_THREADS": threads, **os.environ}
 
     def run(self, name: str, seed: int, cmd: list[str]) -> Path:
         """Run one arm into <out>/arms/<name>/s<seed> unless its DONE file records the same command."""
         d = self.out / "arms" / name / f"s{seed}"
-        cmd = [sys.executable] + cmd
+        with self.lock:
+            mine = d not in self.started
+            job = self.started.setdefault(d, Future())
+        if mine:
+            try:
+                job.set_result(self._run(name, seed, d, [sys.executable] + cmd))
+            except BaseException as e:
+                job.set_exception(e)
+        return job.result()
+
+    def _run(self, name: str, seed: int, d: Path, cmd: list[str]) -> Path:
         key = " ".join(cmd[1:])
         done = d / "DONE"
         cached = json.loads(done.read_text()) if done.is_file() and not self.args.redo else {}
         if cached.get("command") == key:
             self.wall[str(d)] = cached["seconds"]
             return d
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        print(f"[{name} s{seed}] {key}", flush=True)
-        t = time.time()
-        with open(d / "log.txt", "w") as log:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            tail = "".join((d / "log.txt").read_text().splitlines(keepends=True)[-15:])
-            raise UserError(f"arm {name} seed {seed} failed (exit {rc}); its log {d / 'log.txt'} ends:\n{tail}")
+        with self.slots:
+            with self.lock:   # no arm starts after a failure, nor unseen by the failure that stops the others
+                if self.failed:
+                    raise self.failed
+                if d.exists():
+                    shutil.rmtree(d)
+                d.mkdir(parents=True)
+                print(f"[{name} s{seed}] {key}", flush=True)
+                t = time.time()
+                with open(d / "log.txt", "w") as log:   # (the child keeps its own handle)
+                    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+                self.procs.add(proc)
+            rc = proc.wait()
+            with self.lock:
+                self.procs.discard(proc)
+                if rc != 0 and self.failed is None:   # the first failure stops the others: their exits only echo it
+                    tail = "".join((d / "log.txt").read_text().splitlines(keepends=True)[-15:])
+                    self.failed = UserError(f"arm {name} seed {seed} failed (exit {rc}); its log {d / 'log.txt'} "
+                                            f"ends:\n{tail}")
+                    for p in self.procs:
+                        p.terminate()
+            if rc != 0:
+                raise self.failed
         seconds = round(time.time() - t, 1)
         self.wall[str(d)] = seconds
         with atomic_path(str(done)) as tmp, open(tmp, "w") as f:
@@ -215,14 +252,20 @@ class Runner:
 # evaluation (in this process, cached next to each checkpoint)
 
 
+# the work done in this process (making data, evaluating) goes one ablation at a time: the seeds share the data,
+# the ablations share evaluations, and the training subprocesses have the cores
+IN_PROCESS = threading.Lock()
+
+
 def evaluated(arm: Path, what: str, fn) -> dict:
     path = arm / f"eval_{what}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    res = fn()
-    with atomic_path(str(path)) as tmp, open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    return res
+    with IN_PROCESS:
+        if path.is_file():
+            return json.loads(path.read_text())
+        res = fn()
+        with atomic_path(str(path)) as tmp, open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        return res
 
 
 def load(arm: Path, device):
@@ -253,89 +296,82 @@ def summarise(per_seed: dict) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# the ablations: each returns {"arms": {arm: {metric: {mean, spread, seeds}}}, "wall_seconds", ...}
+# the ablations: each measures one seed -> {arm: {metric: value}}; main runs the seeds (at once with --jobs) and
+# summarises them. ARM_DIRS: the arms each trains (its wall time); NOTES: what results.json keeps beside its arms.
+
+ARM_DIRS = {"native": ["pt_native", "pt_text_only", "pt_posthoc", "sft_native", "sft_posthoc"],
+            "v2pe": ["pt_native"] + [f"v2pe_{n.replace('/', '_')}" for n in V2PE_ARMS],
+            "loss": ["pt_native", "sft_native", "sft_loss_token", "sft_loss_sample"],
+            "jpeg": ["pt_native", "sft_native", "sft_nojpeg"],
+            "mpo": ["pt_native", "sft_native", "reasoning"]}
+NOTES = {"v2pe": {"chance": 1 / len(toyworld.COLOURS)},
+         "loss": {"short_types": SHORT_TYPES, "long_types": LONG_TYPES}}
 
 
-def ablation_native(R: Runner, seeds, world: Path, device):
-    rows = {"native": {}, "post-hoc": {}}
-    for seed in seeds:
-        for arm, pt in (("native", R.pt_native(seed)), ("post-hoc", R.pt_posthoc(seed))):
-            sft = R.sft_native(seed) if arm == "native" else R.sft("sft_posthoc", seed, pt)
-            acc = accuracy(sft, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)
-            m = {"vqa_accuracy": mean(list(acc.values())), **{f"acc_{k}": v for k, v in acc.items()},
-                 "text_ppl_pretrained": perplexity(pt, world / "eval" / "text.jsonl", device),
-                 "text_ppl_final": perplexity(sft, world / "eval" / "text.jsonl", device)}
-            for k, v in m.items():
-                rows[arm].setdefault(k, []).append(v)
-    return {"arms": {a: summarise(r) for a, r in rows.items()},
-            "arm_dirs": ["pt_native", "pt_text_only", "pt_posthoc", "sft_native", "sft_posthoc"]}
+def ablation_native(R: Runner, seed, world: Path, device):
+    rows = {}
+    for arm, pt in (("native", R.pt_native(seed)), ("post-hoc", R.pt_posthoc(seed))):
+        sft = R.sft_native(seed) if arm == "native" else R.sft("sft_posthoc", seed, pt)
+        acc = accuracy(sft, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)
+        rows[arm] = {"vqa_accuracy": mean(list(acc.values())), **{f"acc_{k}": v for k, v in acc.items()},
+                     "text_ppl_pretrained": perplexity(pt, world / "eval" / "text.jsonl", device),
+                     "text_ppl_final": perplexity(sft, world / "eval" / "text.jsonl", device)}
+    return rows
 
 
-def ablation_v2pe(R: Runner, seeds, world: Path, device):
+def ablation_v2pe(R: Runner, seed, world: Path, device):
     odd = R.out / "data" / "odd"
-    make_odd_data(odd, n_train=R.size["odd_train"], n_eval=R.size["odd_eval"])
+    with IN_PROCESS:
+        make_odd_data(odd, n_train=R.size["odd_train"], n_eval=R.size["odd_eval"])
+    pt, rows = R.pt_native(seed), {}
+    for name, delta in V2PE_ARMS.items():
+        flags = ["--v2pe"] if delta is None else ["--v2pe-delta", delta]
+        arm = R.train(f"v2pe_{name.replace('/', '_')}", seed, "--stage", "sft", "--sft-steps", R.size["odd_sft"],
+                      "--init-from", pt / "ckpt", "--sft-meta", odd / "meta.json", *flags)
+        for eval_name, eval_delta in ([(name, delta)] if delta is not None else FIXED_DELTAS.items()):
+            acc = accuracy(arm, f"odd_{eval_name.replace('/', '_')}", odd / "eval.jsonl", -1, device,
+                           v2pe_delta=eval_delta)
+            rows[f"train {name}, eval {eval_name}"] = {f"images_{n}": acc[f"odd_{n}"] for n in ODD_IMAGES}
+    return rows
+
+
+def ablation_loss(R: Runner, seed, world: Path, device):
     rows = {}
-    for seed in seeds:
-        pt = R.pt_native(seed)
-        for name, delta in V2PE_ARMS.items():
-            flags = ["--v2pe"] if delta is None else ["--v2pe-delta", delta]
-            arm = R.train(f"v2pe_{name.replace('/', '_')}", seed, "--stage", "sft", "--sft-steps",
-                          R.size["odd_sft"], "--init-from", pt / "ckpt", "--sft-meta", odd / "meta.json", *flags)
-            for eval_name, eval_delta in ([(name, delta)] if delta is not None else FIXED_DELTAS.items()):
-                label = f"train {name}, eval {eval_name}"
-                acc = accuracy(arm, f"odd_{eval_name.replace('/', '_')}", odd / "eval.jsonl", -1, device,
-                               v2pe_delta=eval_delta)
-                for n in ODD_IMAGES:
-                    rows.setdefault(label, {}).setdefault(f"images_{n}", []).append(acc[f"odd_{n}"])
-    return {"arms": {a: summarise(r) for a, r in rows.items()}, "chance": 1 / len(toyworld.COLOURS),
-            "arm_dirs": ["pt_native"] + [f"v2pe_{n.replace('/', '_')}" for n in V2PE_ARMS]}
+    for mode in ("token", "sample", "square"):
+        arm = R.sft_native(seed) if mode == "square" else \
+            R.sft(f"sft_loss_{mode}", seed, R.pt_native(seed), "--loss-reduction", mode)
+        acc = accuracy(arm, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)
+        rows[mode] = {"short_answers": mean([acc[t] for t in SHORT_TYPES]),
+                      "long_answers": mean([acc[t] for t in LONG_TYPES])}
+    return rows
 
 
-def ablation_loss(R: Runner, seeds, world: Path, device):
+def ablation_jpeg(R: Runner, seed, world: Path, device):
+    with IN_PROCESS:
+        nojpeg = make_nojpeg_meta(world, R.out / "data" / "nojpeg")
+        degraded = {q: make_jpeg_eval(world, R.out / "data" / f"eval_jpeg{q}", q) for q in JPEG_QUALITIES}
     rows = {}
-    for seed in seeds:
-        for mode in ("token", "sample", "square"):
-            arm = R.sft_native(seed) if mode == "square" else \
-                R.sft(f"sft_loss_{mode}", seed, R.pt_native(seed), "--loss-reduction", mode)
-            acc = accuracy(arm, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)
-            m = {"short_answers": mean([acc[t] for t in SHORT_TYPES]), "long_answers": mean([acc[t] for t in LONG_TYPES])}
-            for k, v in m.items():
-                rows.setdefault(mode, {}).setdefault(k, []).append(v)
-    return {"arms": {a: summarise(r) for a, r in rows.items()}, "short_types": SHORT_TYPES, "long_types": LONG_TYPES,
-            "arm_dirs": ["pt_native", "sft_native", "sft_loss_token", "sft_loss_sample"]}
+    for name in ("JPEG augmentation", "no augmentation"):
+        arm = R.sft_native(seed) if name == "JPEG augmentation" else \
+            R.sft("sft_nojpeg", seed, R.pt_native(seed), "--sft-meta", nojpeg)
+        m = {"clean": accuracy(arm, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)}
+        m |= {f"jpeg_q{q}": accuracy(arm, f"jpeg{q}", f, R.size["eval_per_type"], device)
+              for q, f in degraded.items()}
+        rows[name] = {k: mean(list(acc.values())) for k, acc in m.items()}
+    return rows
 
 
-def ablation_jpeg(R: Runner, seeds, world: Path, device):
-    nojpeg = make_nojpeg_meta(world, R.out / "data" / "nojpeg")
-    degraded = {q: make_jpeg_eval(world, R.out / "data" / f"eval_jpeg{q}", q) for q in JPEG_QUALITIES}
-    rows = {}
-    for seed in seeds:
-        for name in ("JPEG augmentation", "no augmentation"):
-            arm = R.sft_native(seed) if name == "JPEG augmentation" else \
-                R.sft("sft_nojpeg", seed, R.pt_native(seed), "--sft-meta", nojpeg)
-            m = {"clean": accuracy(arm, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)}
-            m |= {f"jpeg_q{q}": accuracy(arm, f"jpeg{q}", f, R.size["eval_per_type"], device)
-                  for q, f in degraded.items()}
-            for k, acc in m.items():
-                rows.setdefault(name, {}).setdefault(k, []).append(mean(list(acc.values())))
-    return {"arms": {a: summarise(r) for a, r in rows.items()}, "arm_dirs": ["pt_native", "sft_native", "sft_nojpeg"]}
-
-
-def ablation_mpo(R: Runner, seeds, world: Path, device):
-    rows = {}
-    for seed in seeds:
-        sft = R.sft_native(seed)
-        arm = R.run("reasoning", seed, ["data/reasoning.py", "--sft", str(sft / "ckpt"), "--seed", str(seed), "--out",
-                                        str(R.out / "arms" / "reasoning" / f"s{seed}"), *R.size["reasoning"]])
-        res = json.loads((arm / "results.json").read_text())
-        m = {"greedy_sft": res["greedy"]["sft"]["accuracy"], "greedy_mpo": res["greedy"]["mpo"]["accuracy"],
-             "n_questions": res["greedy"]["sft"]["n"]}
-        for critic, curve in res["best_of_n"].items():
-            for n, acc in curve.items():
-                m[f"{critic}_N{n}"] = acc
-        for k, v in m.items():
-            rows.setdefault("reasoning", {}).setdefault(k, []).append(v)
-    return {"arms": {a: summarise(r) for a, r in rows.items()}, "arm_dirs": ["pt_native", "sft_native", "reasoning"]}
+def ablation_mpo(R: Runner, seed, world: Path, device):
+    sft = R.sft_native(seed)
+    arm = R.run("reasoning", seed, ["data/reasoning.py", "--sft", str(sft / "ckpt"), "--seed", str(seed), "--out",
+                                    str(R.out / "arms" / "reasoning" / f"s{seed}"), *R.size["reasoning"]])
+    res = json.loads((arm / "results.json").read_text())
+    m = {"greedy_sft": res["greedy"]["sft"]["accuracy"], "greedy_mpo": res["greedy"]["mpo"]["accuracy"],
+         "n_questions": res["greedy"]["sft"]["n"]}
+    for critic, curve in res["best_of_n"].items():
+        for n, acc in curve.items():
+            m[f"{critic}_N{n}"] = acc
+    return {"reasoning": m}
 
 
 # -----------------------------------------------------------------------------
@@ -396,6 +432,8 @@ def main():
     parser.add_argument("--seeds", default="", help="comma list of seeds (default: the size's)")
     parser.add_argument("--preset", default="toy", help="train.py --preset of every arm (toy-gpu: bigger, for a GPU)")
     parser.add_argument("--device", default=None, help="train.py --device of every arm; evaluation runs here too")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="arms trained at once (a GPU has room for several toy arms; the CPU threads are split)")
     parser.add_argument("--data-dir", default="data/toy", help="the toy world (generated if absent)")
     parser.add_argument("--out", default="runs/ablations", help="arms, evaluations, results.json and plots")
     parser.add_argument("--publish", default="", help="also copy results.json and the plots to this directory")
@@ -416,6 +454,8 @@ def main():
         seeds = [int(s) for s in (args.seeds or size["seeds"]).split(",")]
     except ValueError:
         raise UserError(f"--seeds: expected a comma list of integers, got {args.seeds!r}") from None
+    if args.jobs < 1:
+        raise UserError(f"--jobs: expected at least 1, got {args.jobs}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     world = Path(toyworld.ensure(str(ROOT / args.data_dir))["root"])   # an absolute --data-dir stays as it is
     R = Runner(args, size, world)
@@ -426,23 +466,47 @@ def main():
                "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores"
                           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
                           + f", torch {torch.__version__}",
-               "size": args.size, "sizes": size, "seeds": seeds, "preset": args.preset, "ablations": {}}
-    for name in only:
-        t = time.time()
-        print(f"== {name}", flush=True)
-        res = globals()[f"ablation_{name}"](R, seeds, world, device)
-        dirs = [str(R.out / "arms" / d / f"s{s}") for d in res.pop("arm_dirs") for s in seeds]
-        res["train_seconds"] = round(sum(R.wall.get(d, 0.0) for d in dirs), 1)   # shared arms counted in each
-        res["seconds"] = round(time.time() - t, 1)
-        res["plot"] = f"{name}.png"
-        results["ablations"][name] = res
-        print(f"== {name}: {res['seconds']:.0f}s; arms' training {res['train_seconds']:.0f}s", flush=True)
+               "size": args.size, "sizes": size, "seeds": seeds, "preset": args.preset}
+    results["ablations"] = run_ablations(R, only, seeds, world, device)
     results["wall_seconds"] = round(time.time() - t0, 1)   # this invocation: arms from the cache cost nothing
     results["arms_seconds"] = round(sum(R.wall.values()), 1)  # every arm's own run, each counted once
     R.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(str(R.out / "results.json")) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=1)
     report(R.out, Path(args.publish).resolve() if args.publish else None)
+
+
+def run_ablations(R: Runner, only, seeds, world: Path, device) -> dict:
+    """{ablation: {"arms": {arm: {metric: {mean, spread, seeds}}}, its NOTES, wall times, plot file}}."""
+    def measure(task):
+        name, seed = task
+        t = time.time()
+        rows = globals()[f"ablation_{name}"](R, seed, world, device)
+        print(f"== {name} s{seed}: {time.time() - t:.0f}s", flush=True)
+        return rows, t, time.time()
+
+    # sequentially, ablation by ablation and seed by seed; with --jobs, one thread per (ablation, seed), each
+    # waiting on the arms it shares with the others while R trains `jobs` of them at a time
+    tasks = [(name, seed) for name in only for seed in seeds]
+    pool = ThreadPoolExecutor(len(tasks) if R.args.jobs > 1 else 1)
+    try:
+        measured = dict(zip(tasks, pool.map(measure, tasks)))
+    finally:
+        pool.shutdown(cancel_futures=True)   # after a failure, start nothing more
+    out = {}
+    for name in only:
+        rows = {}   # arm -> metric -> [value per seed]
+        for seed in seeds:
+            for arm, metrics in measured[name, seed][0].items():
+                for k, v in metrics.items():
+                    rows.setdefault(arm, {}).setdefault(k, []).append(v)
+        dirs = [str(R.out / "arms" / d / f"s{s}") for d in ARM_DIRS[name] for s in seeds]
+        spans = [measured[name, s][1:] for s in seeds]
+        out[name] = {"arms": {a: summarise(r) for a, r in rows.items()}, **NOTES.get(name, {}),
+                     "train_seconds": round(sum(R.wall.get(d, 0.0) for d in dirs), 1),   # shared arms: in each
+                     "seconds": round(max(e for _, e in spans) - min(t for t, _ in spans), 1),
+                     "plot": f"{name}.png"}
+    return out
 
 
 def report(out: Path, publish: Path | None):

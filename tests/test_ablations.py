@@ -1,22 +1,35 @@
 """data/ablations.py at a tiny size: every ablation runs its real arms (train.py, reasoning.py) for a few steps and
 writes the table and the plots, so the code cannot rot. The numbers themselves mean nothing at this size."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
 
+from nanovl3.common import UserError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _ablations():
+    sys.path.insert(0, os.path.join(ROOT, "data"))
+    import ablations
+    return ablations
+
+
 def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
+    """With --jobs 2: the ablations and seeds run side by side, sharing pt_native and sft_native."""
     out = tmp_path / "abl"
     cmd = [sys.executable, os.path.join(ROOT, "data", "ablations.py"), "--size", "smoke", "--data-dir",
            str(small_world), "--out", str(out), "--publish", str(tmp_path / "pub")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    r = subprocess.run(cmd + ["--jobs", "2"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "pub" / "results.json").read_text())
     assert list(res["ablations"]) == ["native", "v2pe", "loss", "jpeg", "mpo"]
@@ -41,7 +54,10 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
         assert rows and all(line.rstrip(" |").endswith(("yes", "no", "within noise")) for line in rows)
     assert {"PRM mean − majority, N=8", "PRM-weighted vote − majority, N=8"} <= \
         {line.split(" | ")[2] for line in table.splitlines() if line.startswith("| mpo |")}
-    # the arms are cached: a second run trains nothing and gives the same table
+    # every arm was trained once, shared ones included (each prints its command when it starts)
+    started = [line.split("]")[0] for line in r.stdout.splitlines() if "] " in line and ".py --" in line]
+    assert len(started) == len(set(started)) == 2 * 14, started   # 13 train.py arms and reasoning, per seed
+    # the arms are cached: a second run, one at a time, trains nothing and gives the same table
     r2 = subprocess.run(cmd[:-2] + ["--only", "loss"], capture_output=True, text=True)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "] train.py" not in r2.stdout
@@ -49,8 +65,41 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
     assert again == res["ablations"]["loss"]["arms"]
 
 
+def test_runner_trains_a_shared_arm_once_and_stops_at_the_first_failure(tmp_path):
+    """Arms asked for by several threads at once run once; a failed arm stops the one running beside it, and no arm
+    starts after it. (The arms here are tiny python commands instead of train.py.)"""
+    A = _ablations()
+    R = A.Runner(argparse.Namespace(out=str(tmp_path), jobs=2, redo=False), A.SIZES["smoke"], tmp_path)
+    count = tmp_path / "count.txt"
+    with ThreadPoolExecutor(3) as pool:
+        dirs = list(pool.map(lambda _: R.run("shared", 0, ["-c", f"open({str(count)!r}, 'a').write('x')"]), range(3)))
+    assert count.read_text() == "x" and len(set(dirs)) == 1 and (dirs[0] / "DONE").is_file()
+    t = time.time()
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(R.run, "slow", 0, ["-c", "import time; time.sleep(60)"])
+        while not R.procs:
+            time.sleep(0.05)
+        bad = pool.submit(R.run, "bad", 0, ["-c", "import sys; print('boom'); sys.exit(3)"])
+        for job in (bad, slow):   # the slow arm reports the failure that stopped it, not its own exit
+            with pytest.raises(UserError, match=r"(?s)arm bad seed 0 failed \(exit 3\).*boom"):
+                job.result()
+    assert time.time() - t < 30
+    with pytest.raises(UserError, match="arm bad seed 0"):
+        R.run("later", 0, ["-c", "pass"])
+    assert not (tmp_path / "arms" / "later").exists() and not (tmp_path / "arms" / "slow" / "s0" / "DONE").exists()
+
+
+def test_a_failed_arm_is_a_clear_error(small_world, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "ablations.py"), "--size", "smoke", "--data-dir",
+                        str(small_world), "--out", str(tmp_path), "--only", "loss", "--jobs", "2",
+                        "--preset", "no-such-preset"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "arm pt_native seed" in r.stderr and "log.txt" in r.stderr and "no-such-preset" in r.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path):
-    for flags, needle in ((["--only", "nope"], "--only"), (["--seeds", "a,b"], "--seeds")):
+    for flags, needle in ((["--only", "nope"], "--only"), (["--seeds", "a,b"], "--seeds"), (["--jobs", "0"], "--jobs")):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "ablations.py"), "--out", str(tmp_path), *flags],
                            capture_output=True, text=True)
         assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
@@ -59,8 +108,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 def test_verdict_pairs_the_seeds():
     """A difference is judged seed by seed: one that every seed shows counts even when the seeds' levels differ
     (unpaired, the arms' spreads would hide it); one below the 2-point floor never counts."""
-    sys.path.insert(0, os.path.join(ROOT, "data"))
-    import ablations as A
+    A = _ablations()
 
     def cell(*seeds):
         return A.summarise({"m": list(seeds)})["m"]
