@@ -7,6 +7,7 @@ and one Pillow plot per claim.
     python data/ablations.py                         # the full form (default toy recipe per arm, 3 seeds): one GPU
     python data/ablations.py --jobs 8                # the same, 8 arms at once (for a GPU: one toy arm leaves it idle)
     python data/ablations.py --only loss,jpeg --seeds 0,1,2 --out runs/abl
+    python data/ablations.py --only v2pe --set odd_sft=1200 --out runs/abl_long   # one count of the size changed
     python data/ablations.py --quick --out runs/abl_quick --publish data/results/ablations_quick   # + a copy there
 
 Ablations (--only picks some):
@@ -430,6 +431,9 @@ def main():
     parser.add_argument("--size", default="full", choices=list(SIZES), help="steps, questions and seeds of every arm")
     parser.add_argument("--only", default=",".join(ABLATIONS), help="comma list of ablations to run")
     parser.add_argument("--seeds", default="", help="comma list of seeds (default: the size's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=N",
+                        help="change one step or question count of the size, e.g. odd_sft=1200 (repeatable; arms "
+                             "are cached by command: use a new --out where a count changes the generated data)")
     parser.add_argument("--preset", default="toy", help="train.py --preset of every arm (toy-gpu: bigger, for a GPU)")
     parser.add_argument("--device", default=None, help="train.py --device of every arm; evaluation runs here too")
     parser.add_argument("--jobs", type=int, default=1,
@@ -445,7 +449,13 @@ def main():
         return report(Path(args.out).resolve(), Path(args.publish).resolve() if args.publish else None)
     if args.quick:
         args.size = "quick"
-    size = SIZES[args.size]
+    size = dict(SIZES[args.size])
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not isinstance(size.get(key), int) or not value.isdigit():
+            counts = ", ".join(k for k, v in size.items() if isinstance(v, int))
+            raise UserError(f"--set {item!r}: expected KEY=N with KEY one of {counts}")
+        size[key] = int(value)
     only = [a.strip() for a in args.only.split(",") if a.strip()]
     unknown = [a for a in only if a not in ABLATIONS]
     if unknown:

@@ -99,7 +99,8 @@ def test_a_failed_arm_is_a_clear_error(small_world, tmp_path):
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
-    for flags, needle in ((["--only", "nope"], "--only"), (["--seeds", "a,b"], "--seeds"), (["--jobs", "0"], "--jobs")):
+    for flags, needle in ((["--only", "nope"], "--only"), (["--seeds", "a,b"], "--seeds"), (["--jobs", "0"], "--jobs"),
+                         (["--set", "odd_sft=many"], "--set"), (["--set", "seeds=3"], "--set")):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "ablations.py"), "--out", str(tmp_path), *flags],
                            capture_output=True, text=True)
         assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
