@@ -156,6 +156,15 @@ def make_jpeg_eval(world: Path, out: Path, quality: int) -> Path:
 # arms: one train.py (or reasoning.py) run each, cached
 
 
+SAY = threading.Lock()
+
+
+def say(line: str):
+    """One progress line, whole: print() from two threads can interleave a line with the other's newline."""
+    with SAY:
+        print(line, flush=True)
+
+
 class Runner:
     """Runs the arms: each once (ablations that share an arm wait for it), at most `jobs` at a time."""
 
@@ -198,7 +207,7 @@ class Runner:
                 if d.exists():
                     shutil.rmtree(d)
                 d.mkdir(parents=True)
-                print(f"[{name} s{seed}] {key}", flush=True)
+                say(f"[{name} s{seed}] {key}")
                 t = time.time()
                 with open(d / "log.txt", "w") as log:   # (the child keeps its own handle)
                     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env)
@@ -218,7 +227,7 @@ class Runner:
         self.wall[str(d)] = seconds
         with atomic_path(str(done)) as tmp, open(tmp, "w") as f:
             json.dump({"command": key, "seconds": seconds}, f)
-        print(f"[{name} s{seed}] {seconds:.0f}s", flush=True)
+        say(f"[{name} s{seed}] {seconds:.0f}s")
         return d
 
     def train(self, name: str, seed: int, *flags) -> Path:
@@ -492,7 +501,7 @@ def run_ablations(R: Runner, only, seeds, world: Path, device) -> dict:
         name, seed = task
         t = time.time()
         rows = globals()[f"ablation_{name}"](R, seed, world, device)
-        print(f"== {name} s{seed}: {time.time() - t:.0f}s", flush=True)
+        say(f"== {name} s{seed}: {time.time() - t:.0f}s")
         return rows, t, time.time()
 
     # sequentially, ablation by ablation and seed by seed; with --jobs, one thread per (ablation, seed), each

@@ -56,7 +56,8 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
         {line.split(" | ")[2] for line in table.splitlines() if line.startswith("| mpo |")}
     # every arm was trained once, shared ones included (each prints its command when it starts)
     started = [line.split("]")[0] for line in r.stdout.splitlines() if "] " in line and ".py --" in line]
-    assert len(started) == len(set(started)) == 2 * 14, started   # 13 train.py arms and reasoning, per seed
+    twice = sorted({a for a in started if started.count(a) > 1})
+    assert len(started) == len(set(started)) == 2 * 14, (twice, r.stdout)   # 13 train.py arms + reasoning, per seed
     # the arms are cached: a second run, one at a time, trains nothing and gives the same table
     r2 = subprocess.run(cmd[:-2] + ["--only", "loss"], capture_output=True, text=True)
     assert r2.returncode == 0, r2.stderr[-3000:]
