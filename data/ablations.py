@@ -176,6 +176,7 @@ class Runner:
         self.started = {}   # arm dir -> Future of its directory, for the ablations that ask for it while it runs
         self.slots = threading.BoundedSemaphore(args.jobs)
         self.procs, self.failed = set(), None   # running train.py processes; the first UserError
+        self.asked = threading.local()   # .dirs: the arm dirs the calling thread's ablation has asked for
         # torch's threads split between the arms that run at once (unless OMP_NUM_THREADS says otherwise)
         threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
         self.env = os.environ if args.jobs == 1 else {"OMP_NUM_THREADS": threads, **os.environ}
@@ -183,6 +184,7 @@ class Runner:
     def run(self, name: str, seed: int, cmd: list[str]) -> Path:
         """Run one arm into <out>/arms/<name>/s<seed> unless its DONE file records the same command."""
         d = self.out / "arms" / name / f"s{seed}"
+        getattr(self.asked, "dirs", set()).add(str(d))
         with self.lock:
             mine = d not in self.started
             job = self.started.setdefault(d, Future())
@@ -307,13 +309,8 @@ def summarise(per_seed: dict) -> dict:
 
 # -----------------------------------------------------------------------------
 # the ablations: each measures one seed -> {arm: {metric: value}}; main runs the seeds (at once with --jobs) and
-# summarises them. ARM_DIRS: the arms each trains (its wall time); NOTES: what results.json keeps beside its arms.
+# summarises them. NOTES: what results.json keeps beside an ablation's arms.
 
-ARM_DIRS = {"native": ["pt_native", "pt_text_only", "pt_posthoc", "sft_native", "sft_posthoc"],
-            "v2pe": ["pt_native"] + [f"v2pe_{n.replace('/', '_')}" for n in V2PE_ARMS],
-            "loss": ["pt_native", "sft_native", "sft_loss_token", "sft_loss_sample"],
-            "jpeg": ["pt_native", "sft_native", "sft_nojpeg"],
-            "mpo": ["pt_native", "sft_native", "reasoning"]}
 NOTES = {"v2pe": {"chance": 1 / len(toyworld.COLOURS)},
          "loss": {"short_types": SHORT_TYPES, "long_types": LONG_TYPES}}
 
@@ -500,9 +497,10 @@ def run_ablations(R: Runner, only, seeds, world: Path, device) -> dict:
     def measure(task):
         name, seed = task
         t = time.time()
+        R.asked.dirs = set()   # every arm this ablation asks for, its shared ones included
         rows = globals()[f"ablation_{name}"](R, seed, world, device)
         say(f"== {name} s{seed}: {time.time() - t:.0f}s")
-        return rows, t, time.time()
+        return rows, R.asked.dirs, t, time.time()
 
     # sequentially, ablation by ablation and seed by seed; with --jobs, one thread per (ablation, seed), each
     # waiting on the arms it shares with the others while R trains `jobs` of them at a time
@@ -519,8 +517,8 @@ def run_ablations(R: Runner, only, seeds, world: Path, device) -> dict:
             for arm, metrics in measured[name, seed][0].items():
                 for k, v in metrics.items():
                     rows.setdefault(arm, {}).setdefault(k, []).append(v)
-        dirs = [str(R.out / "arms" / d / f"s{s}") for d in ARM_DIRS[name] for s in seeds]
-        spans = [measured[name, s][1:] for s in seeds]
+        dirs = set().union(*(measured[name, s][1] for s in seeds))
+        spans = [measured[name, s][2:] for s in seeds]
         out[name] = {"arms": {a: summarise(r) for a, r in rows.items()}, **NOTES.get(name, {}),
                      "train_seconds": round(sum(R.wall.get(d, 0.0) for d in dirs), 1),   # shared arms: in each
                      "seconds": round(max(e for _, e in spans) - min(t for t, _ in spans), 1),
