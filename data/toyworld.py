@@ -1,42 +1,49 @@
 """
 Toy world: a deterministic synthetic data set whose answers need both vision and language.
 
-Run:
-    python data/toyworld.py --out data/toy              # "full": for a ~10 min CPU training run; ~10 s
-    python data/toyworld.py --out /tmp/toy --size small # tens of samples, for tests
+Run from the repository root:
+    python -m data.toyworld --out data/toy               # "full", for a ~10 min CPU run; ~10 s
+    python -m data.toyworld --out /tmp/toy --size small  # tens of samples, for tests
     python -m pytest -q tests/test_toyworld.py
 
-The world. Pictures are light canvases of several sizes and aspect ratios (224x224 ... 448x448, so InternVL's
-dynamic tiling gets exercised) holding 1-6 non-overlapping shapes. Every shape has one of 6 very distinct colours
-(red, green, blue, yellow, purple, orange) and one of 4 forms (circle, square, triangle, star), and is at least
-0.6-0.9 of its grid cell (>= 1/5 of the short side) so it survives 112-px tiles. Objects sit in distinct cells of a ~3-per-short-
-side grid, which makes "non-overlapping" and "on the left / on the right" exact by construction. Colour and shape
-questions are asked about close-ups instead: one shape, 0.4-0.75 of the side, on a 112x112 canvas (one toy tile).
+The world. Pictures are light canvases of several sizes and aspect ratios (224x224 ... 448x448, so
+InternVL's dynamic tiling gets exercised) holding 1-6 non-overlapping shapes. Every shape has one of
+6 very distinct colours (red, green, blue, yellow, purple, orange) and one of 4 forms (circle,
+square, triangle, star), and is at least 0.6-0.9 of its grid cell (>= 1/5 of the short side) so it
+survives 112-px tiles. Objects sit in distinct cells of a ~3-per-short-side grid, which makes
+"non-overlapping" and "on the left / on the right" exact by construction. Colour and shape questions
+are asked about close-ups instead: one shape, 0.4-0.75 of the side, on a 112x112 canvas (one tile).
 
-Everything is written in the official InternVL formats (SPEC §4.3, §6, §7.4), so the loaders that read this toy
-set read real data too. Layout of the output directory (all paths inside it are relative):
+Everything is written in the official InternVL formats (the meta.json + JSON Lines files read by
+OpenGVLab/InternVL internvl_chat/internvl/train/dataset.py, the model card's multi-image prompt), so
+the loaders that read this toy set read real data too. Layout of the output directory (all paths
+inside it are relative):
 
-    DONE                      generation params + counts (written last; its presence means "complete")
-    tokenizer.json            byte-level BPE trained on all of the world's text (nanovl3.chat.train_tokenizer)
-    images/sft/*.png          training pictures used by SFT
-    images/pretrain/*.png     training pictures used by the interleaved pre-training documents
-    pretrain/meta.json        {"toy_interleaved": {..., "kind": "interleaved"}, "toy_text": {..., "kind": "text"}}
+    DONE                  generation params + counts (written last; its presence means "complete")
+    tokenizer.json        byte-level BPE trained on all of the world's text (chat.train_tokenizer)
+    images/sft/*.png      training pictures used by SFT
+    images/pretrain/*.png training pictures used by the interleaved pre-training documents
+    pretrain/meta.json    {"toy_interleaved": {..., "kind": "interleaved"},
+                           "toy_text": {..., "kind": "text"}}
     pretrain/interleaved.jsonl  {"id", "image": [paths], "text": "... <image>\\n... <image>\\n..."}
-    pretrain/text.jsonl       {"id", "text": "..."}
-    sft/meta.json             {"toy_vqa": {...}, "toy_closeup": {...}, "toy_cot": {...}, "toy_text": {...}}
-    sft/{vqa,closeup,cot,text}.jsonl  {"id", "image": path | [paths] (absent for text), "conversations": [...],
-                              "qa": [...]}
-    eval/eval.jsonl           {"id", "image", "question", "answer", "type", "cot"}  held-out pictures only
-    eval/types.json           {type: {"chance", "answers", "n", "cot", "majority"}}
-    eval/prompts.json         a few fixed image + question pairs for sample logging during training
-    eval/text.jsonl           held-out pure text {"id", "text"} (its own seed stream), for text perplexity
-    eval/images/*.png         the held-out pictures (never used by pre-training or SFT)
+    pretrain/text.jsonl   {"id", "text": "..."}
+    sft/meta.json         {"toy_vqa": {...}, "toy_closeup": {...}, "toy_cot": {...},
+                           "toy_text": {...}}
+    sft/{vqa,closeup,cot,text}.jsonl  {"id", "image": path | [paths] (absent for text),
+                          "conversations": [...], "qa": [...]}
+    eval/eval.jsonl       {"id", "image", "question", "answer", "type", "cot"} (held-out pictures)
+    eval/types.json       {type: {"chance", "answers", "n", "cot", "majority"}}
+    eval/prompts.json     a few fixed image + question pairs for sample logging during training
+    eval/text.jsonl       held-out pure text {"id", "text"} (own seed stream), for text perplexity
+    eval/images/*.png     the held-out pictures (never used by pre-training or SFT)
 
-Answer conventions (strict, the MPO / Best-of-N stages rely on them):
+Answer conventions (strict, the MPO / Best-of-N stages rely on them; the grading rule that reads
+them is nanovl3.critic's):
   - short answers are one word, capitalised, with a full stop: "Red.", "Circle.", "3.", "Left.".
-    normalize_answer() maps them to the eval form: lowercase, no trailing full stop ("red", "3").
-  - a question ending in "Think step by step." gets a chain-of-thought answer: steps separated by one blank line
-    ("\\n\\n"), the last step exactly "The answer is X." with X in the eval form. extract_answer() reads X back.
+    critic.normalise() maps them to the eval form: lowercase, no trailing full stop ("red", "3").
+  - a question ending in "Think step by step." gets a chain-of-thought answer: steps separated by
+    one blank line ("\\n\\n"), the last step exactly "The answer is X." with X in the eval form.
+    critic.final_answer() reads X back.
 """
 
 import argparse
@@ -47,7 +54,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -56,6 +62,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from nanovl3 import chat
+from nanovl3.common import write_json, write_jsonl
+from nanovl3.critic import final_answer, normalise
 
 FORMAT_VERSION = 5
 
@@ -73,10 +83,11 @@ COLOURS = {  # far apart in RGB so a tiny ViT separates them after bicubic downs
 SHAPES = ["circle", "square", "triangle", "star"]
 
 # (width, height): weight. Mostly the cheap 224x224, plus wide / tall / big ones for dynamic tiling.
-CANVASES = {(224, 224): 4, (448, 224): 1, (224, 448): 1, (336, 224): 1, (224, 336): 1, (336, 336): 1, (448, 448): 1}
-# colour and shape questions look at a close-up: one big shape on a canvas that is one toy tile (16 LLM tokens).
-# Telling a circle from a square takes a from-scratch ViT some 20k examples (measured); a close-up costs a fifth
-# of a 224x224 picture, so the 10-minute run can afford them.
+CANVASES = {(224, 224): 4, (448, 224): 1, (224, 448): 1, (336, 224): 1, (224, 336): 1,
+            (336, 336): 1, (448, 448): 1}
+# colour and shape questions look at a close-up: one big shape on a canvas that is one toy tile (16
+# LLM tokens). Telling a circle from a square takes a from-scratch ViT some 20k examples (measured);
+# a close-up costs a fifth of a 224x224 picture, so the 10-minute run can afford them.
 CLOSEUP = 112
 CLOSEUP_SIZE = (0.4, 0.75)  # side of the shape's box / side of the canvas
 
@@ -99,9 +110,10 @@ EVAL_TYPES = {
     "arith": {"answers": [str(n) for n in range(2, 9)], "cot": True},
 }
 
-# chat template pieces (SPEC §4.1), fed to the tokenizer trainer so it learns to merge them
-TEMPLATE_PIECES = ["<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n",
-                   "system\n", "user\n", "assistant\n"]
+# pieces of the chat template (`internvl2_5` in OpenGVLab/InternVL internvl_chat/internvl/
+# conversation.py), fed to the tokenizer trainer so it learns to merge them
+TEMPLATE_PIECES = ["<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n",
+                   "<|im_end|>\n", "system\n", "user\n", "assistant\n"]
 
 # -----------------------------------------------------------------------------
 # answers: one short-answer form, one chain-of-thought form
@@ -110,27 +122,6 @@ TEMPLATE_PIECES = ["<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>as
 def short(answer: str) -> str:
     """eval form -> assistant reply: "red" -> "Red.", "3" -> "3."."""
     return answer[:1].upper() + answer[1:] + "."
-
-
-def normalize_answer(text: str) -> str:
-    """assistant reply -> eval form: strip, lowercase, drop one trailing full stop."""
-    text = text.strip().lower()
-    return text[:-1].strip() if text.endswith(".") else text
-
-
-def extract_answer(response: str):
-    """X from a chain-of-thought reply whose last step is exactly "The answer is X.", else None."""
-    last = response.strip().split("\n\n")[-1]
-    prefix = "The answer is "
-    if not (last.startswith(prefix) and last.endswith(".") and "\n" not in last):
-        return None
-    return normalize_answer(last[len(prefix):])
-
-
-def parse_answer(response: str) -> str:
-    """What eval compares to the label: X for a chain-of-thought reply, else the normalised reply."""
-    x = extract_answer(response)
-    return x if x is not None else normalize_answer(response)
 
 
 def cot(steps: list, answer: str) -> str:
@@ -167,22 +158,24 @@ def random_spec(rng, colours=None) -> tuple:
 
 
 def make_obj(rng, colour: str, shape: str, cx: float, cy: float, size: float) -> Obj:
-    """An object at (cx, cy), its colour jittered a little so no two pictures share exact pixel values."""
+    """An object at (cx, cy), its colour jittered a little: no two pictures share exact pixels."""
     rgb = tuple(max(0, min(255, v + rng.randint(-10, 10))) for v in COLOURS[colour])
     return Obj(colour, shape, rgb, round(cx, 1), round(cy, 1), round(size, 1))
 
 
 def background(rng) -> tuple:
-    # a near-constant background: with a random tint per image the shape is below the noise of any pooled feature
-    # and the toy model never learns to look at it (measured); real photos vary more, but the toy must learn fast
+    # a near-constant background: with a random tint per image the shape is below the noise of any
+    # pooled feature and the toy model never learns to look at it (measured); real photos vary more,
+    # but the toy must learn fast
     return tuple(rng.randint(243, 247) for _ in range(3))
 
 
 def sample_scene(rng, specs: list, split: bool = False) -> Scene:
     """Place objects (colour, shape) in distinct grid cells of a random canvas.
 
-    split=True (two objects): the first goes to a cell in the left half, the second to the right half, so
-    "on the left or the right?" has an unambiguous answer. Callers shuffle specs to randomise the sides.
+    split=True (two objects): the first goes to a cell in the left half, the second to the right
+    half, so "on the left or the right?" has an unambiguous answer. Callers shuffle specs to
+    randomise the sides.
     """
     (w, h), = rng.choices(list(CANVASES), weights=list(CANVASES.values()))
     short_side = min(w, h)
@@ -196,8 +189,9 @@ def sample_scene(rng, specs: list, split: bool = False) -> Scene:
         chosen = [rng.choice(left), rng.choice(right)]
     else:
         chosen = rng.sample(cells, len(specs))
-    # shapes fill most of their cell (0.6-0.9 of it, >= 1/5 of the short side): a small shape covers ~1 ViT patch
-    # of a 112-px toy tile and the toy model then cannot tell colours apart at all (measured)
+    # shapes fill most of their cell (0.6-0.9 of it, >= 1/5 of the short side): a small shape covers
+    # ~1 ViT patch of a 112-px toy tile and the toy model then cannot tell colours apart at all
+    # (measured)
     min_size, max_size = max(math.ceil(short_side / 6), 0.6 * min(cw, ch)), 0.9 * min(cw, ch)
     objects = []
     for (colour, shape), (c, r) in zip(specs, chosen):
@@ -238,12 +232,15 @@ def render(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         r = o.size / 2
-        outline, width = (40, 40, 40), max(1, round(o.size / 25))  # dark rim: yellow on cream stays visible
+        # dark rim: yellow on cream stays visible
+        outline, width = (40, 40, 40), max(1, round(o.size / 25))
         if o.shape == "circle":
-            draw.ellipse([o.cx - r, o.cy - r, o.cx + r, o.cy + r], fill=o.rgb, outline=outline, width=width)
+            draw.ellipse([o.cx - r, o.cy - r, o.cx + r, o.cy + r], fill=o.rgb, outline=outline,
+                         width=width)
         elif o.shape == "square":
             q = 0.85 * r  # a full-bbox square looks bigger than the circle of the same bbox
-            draw.rectangle([o.cx - q, o.cy - q, o.cx + q, o.cy + q], fill=o.rgb, outline=outline, width=width)
+            draw.rectangle([o.cx - q, o.cy - q, o.cx + q, o.cy + q], fill=o.rgb, outline=outline,
+                           width=width)
         elif o.shape == "triangle":
             pts = [(o.cx, o.cy - r), (o.cx + r, o.cy + 0.8 * r), (o.cx - r, o.cy + 0.8 * r)]
             draw.polygon(pts, fill=o.rgb, outline=outline, width=width)
@@ -255,8 +252,9 @@ def render(scene: Scene) -> Image.Image:
 def render_all(root: Path, images: list):
     """images: [(relative path, Scene)] -> PNG files under root.
 
-    PNG encoding and file writes release the GIL, so a few threads give a ~2x speed-up on 2 cores; fast
-    compression (level 1) is another ~2x at the price of ~2x bigger files (still only ~3 KB per picture).
+    PNG encoding and file writes release the GIL, so a few threads give a ~2x speed-up on 2 cores;
+    fast compression (level 1) is another ~2x at the price of ~2x bigger files (still only ~3 KB per
+    picture).
     """
     for folder in {(root / rel).parent for rel, _ in images}:
         folder.mkdir(parents=True, exist_ok=True)
@@ -323,27 +321,32 @@ def caption(rng, scene: Scene) -> str:
         return f"This one has {grouped(scene)}."
     if style == "colours":
         colours = list(dict.fromkeys(o.colour for o in objs))
-        return f"{there_are(n)}. {'The colour is' if len(colours) == 1 else 'The colours are'} {join(colours)}."
+        verb = "The colour is" if len(colours) == 1 else "The colours are"
+        return f"{there_are(n)}. {verb} {join(colours)}."
     a, b = objs
     return f"The {a.colour} {a.shape} is on the left and the {b.colour} {b.shape} is on the right."
 
 
 # -----------------------------------------------------------------------------
 # questions: build a scene with a balanced answer, or ask about an existing scene
-# each QA is {"type", "question", "reply", "answer", "cot"}; "question" carries no <image> tag (added per sample)
+# each QA is {"type", "question", "reply", "answer", "cot"}; "question" carries no <image> tag
+# (added per sample)
 
 
 def qa(qtype, question, answer, reply=None, is_cot=False):
-    return {"type": qtype, "question": question, "reply": reply or short(answer), "answer": answer, "cot": is_cot}
+    return {"type": qtype, "question": question, "reply": reply or short(answer), "answer": answer,
+            "cot": is_cot}
 
 
 def ask(rng, qtype: str, scene: Scene, target=None) -> dict:
     objs = scene.objects
     if qtype == "color":
-        return qa("color", rng.choice(["What colour is the shape?", "What is the colour of the shape?"]),
+        return qa("color",
+                  rng.choice(["What colour is the shape?", "What is the colour of the shape?"]),
                   objs[0].colour)
     if qtype == "shape":
-        return qa("shape", rng.choice(["What shape is shown?", "What kind of shape is this?"]), objs[0].shape)
+        return qa("shape", rng.choice(["What shape is shown?", "What kind of shape is this?"]),
+                  objs[0].shape)
     if qtype == "count":
         q = rng.choice(["How many shapes are there?", "How many shapes are in the picture?"])
         return qa("count", q, str(len(objs)))
@@ -353,10 +356,11 @@ def ask(rng, qtype: str, scene: Scene, target=None) -> dict:
                   str(sum(o.colour == colour for o in objs)))
     if qtype == "position":
         o = target or rng.choice(objs)
-        return qa("position", f"Is the {o.colour} {o.shape} on the left or the right?", scene.side(o))
+        return qa("position", f"Is the {o.colour} {o.shape} on the left or the right?",
+                  scene.side(o))
     if qtype == "describe":
         d = describe(scene)
-        return qa("describe", "Describe the image.", normalize_answer(d), reply=d)
+        return qa("describe", "Describe the image.", normalise(d), reply=d)
     if qtype == "count_cot":
         steps = [COUNT_LEAD]
         steps += [f"{NUM_WORDS[i + 1].capitalize()}: {a_obj(o)}." for i, o in enumerate(objs)]
@@ -365,8 +369,8 @@ def ask(rng, qtype: str, scene: Scene, target=None) -> dict:
     if qtype == "arith_add":
         n, k = len(objs), rng.randint(1, 3)
         steps = [f"{there_are(n)} in the image.", f"{n} + {k} = {n + k}."]
-        return qa("arith", f"If you add {k} more {plural('shape', k)}, how many shapes will there be? {COT_SUFFIX}",
-                  str(n + k), reply=cot(steps, str(n + k)), is_cot=True)
+        q = f"If you add {k} more {plural('shape', k)}, how many shapes will there be? {COT_SUFFIX}"
+        return qa("arith", q, str(n + k), reply=cot(steps, str(n + k)), is_cot=True)
     raise ValueError(qtype)
 
 
@@ -381,7 +385,8 @@ def can_ask(qtype: str, scene: Scene) -> bool:
 
 
 def build(rng, qtype: str, target=None):
-    """-> (scenes, qa): pictures made for this question type; target (if given) fixes the answer for balance."""
+    """-> (scenes, qa): pictures made for this question type; target (if given) fixes the answer,
+    for balance."""
     if qtype in ("color", "shape"):
         colour = target if qtype == "color" and target else rng.choice(list(COLOURS))
         shape = target if qtype == "shape" and target else rng.choice(SHAPES)
@@ -396,7 +401,8 @@ def build(rng, qtype: str, target=None):
         k = int(target) if target is not None else rng.randint(0, 3)
         n = rng.randint(max(1, k), 5)
         others = [c for c in COLOURS if c != colour]
-        specs = [(colour, rng.choice(SHAPES)) for _ in range(k)] + [random_spec(rng, others) for _ in range(n - k)]
+        specs = ([(colour, rng.choice(SHAPES)) for _ in range(k)]
+                 + [random_spec(rng, others) for _ in range(n - k)])
         rng.shuffle(specs)
         scene = sample_scene(rng, specs)
         return [scene], ask(rng, qtype, scene, target=colour)
@@ -415,33 +421,40 @@ def build(rng, qtype: str, target=None):
     if qtype == "arith_two":
         a, b = rng.randint(1, 4), rng.randint(1, 4)
         scenes = [sample_scene(rng, [random_spec(rng) for _ in range(n)]) for n in (a, b)]
-        steps = [f"{there_are(a)} in the first image.", f"{there_are(b)} in the second image.", f"{a} + {b} = {a + b}."]
+        steps = [f"{there_are(a)} in the first image.", f"{there_are(b)} in the second image.",
+                 f"{a} + {b} = {a + b}."]
         q = f"How many shapes are there in total in both images? {COT_SUFFIX}"
         return scenes, qa("arith", q, str(a + b), reply=cot(steps, str(a + b)), is_cot=True)
     if qtype == "which_more":
         a, b = rng.sample(range(1, 6), 2)
         scenes = [sample_scene(rng, [random_spec(rng) for _ in range(n)]) for n in (a, b)]
-        return scenes, qa("which_more", "Which image has more shapes?", "image-1" if a > b else "image-2")
+        return scenes, qa("which_more", "Which image has more shapes?",
+                          "image-1" if a > b else "image-2")
     if qtype == "color_of":
         scenes = [sample_scene(rng, [random_spec(rng)]) for _ in range(2)]
         k = rng.randint(1, 2)
-        return scenes, qa("color", f"What colour is the shape in Image-{k}?", scenes[k - 1].objects[0].colour)
+        return scenes, qa("color", f"What colour is the shape in Image-{k}?",
+                          scenes[k - 1].objects[0].colour)
     raise ValueError(qtype)
 
 
 def steps_agree(response: str, question: str) -> bool:
-    """Does the final answer of a chain-of-thought reply follow from the reply's own steps (the templates above)?
-    Counting: the steps number the shapes One, Two, ... n and the answer is n. Sums: the counts the steps state (and
-    the k of "add k more") are the terms of the one "a + b = c" step, the sum is right, and the answer is c.
-    Whether the counts are true of the picture is not asked: that is the final answer's business."""
-    answer = extract_answer(response)
-    if answer is None or not answer.isdigit():
+    """Does the final answer of a chain-of-thought reply follow from the reply's own steps (the
+    templates above)? Counting: the steps number the shapes One, Two, ... n and the answer is n.
+    Sums: the counts the steps state (and the k of "add k more") are the terms of the one
+    "a + b = c" step, the sum is right, and the answer is c. Whether the counts are true of the
+    picture is not asked: that is the final answer's business."""
+    *body, last = [s.strip() for s in response.strip().split("\n\n")]
+    answer = final_answer(last)
+    if last != f"The answer is {answer}." or not answer.isdigit():  # the last step: exactly that
         return False
-    answer, body = int(answer), [s.strip() for s in response.strip().split("\n\n")][:-1]
+    answer = int(answer)
     if body[:1] == [COUNT_LEAD]:
         words = [s.split(":")[0].lower() for s in body[1:]]
-        return all(":" in s for s in body[1:]) and words == NUM_WORDS[1:len(words) + 1] and answer == len(words)
-    counts = [int(n) for s in body for n in re.findall(r"^There (?:is|are) (\d+) shapes? in the", s)]
+        return (all(":" in s for s in body[1:]) and words == NUM_WORDS[1:len(words) + 1]
+                and answer == len(words))
+    counts = [int(n) for s in body
+              for n in re.findall(r"^There (?:is|are) (\d+) shapes? in the", s)]
     more = re.search(r"If you add (\d+) more", question)
     terms = counts + ([int(more.group(1))] if more else [])
     sums = [tuple(map(int, m)) for s in body for m in re.findall(r"^(\d+) \+ (\d+) = (\d+)\.$", s)]
@@ -450,7 +463,8 @@ def steps_agree(response: str, question: str) -> bool:
 
 
 def image_tags(n_images: int) -> str:
-    """'<image>\\n' for one picture; 'Image-1: <image>\\nImage-2: <image>\\n' for several (SPEC §4.3)."""
+    """'<image>\\n' for one picture; 'Image-1: <image>\\nImage-2: <image>\\n' for several (the
+    InternVL3 model card's multi-image prompt)."""
     if n_images == 1:
         return "<image>\n"
     return "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images))
@@ -477,25 +491,30 @@ def sft_sample(idx, paths, turns) -> dict:
     conv = []
     for i, t in enumerate(turns):
         prefix = image_tags(len(paths)) if i == 0 and paths else ""
-        conv += [{"from": "human", "value": prefix + t["question"]}, {"from": "gpt", "value": t["reply"]}]
+        conv += [{"from": "human", "value": prefix + t["question"]},
+                 {"from": "gpt", "value": t["reply"]}]
     sample = {"id": idx}
     if paths:
         sample["image"] = paths[0] if len(paths) == 1 else paths
     sample["conversations"] = conv
-    # our extension (ignored by official loaders): ground truth per turn, for eval-style scoring and MPO pairs
+    # our extension (ignored by official loaders): ground truth per turn, for eval-style scoring and
+    # MPO pairs
     sample["qa"] = [{"type": t["type"], "answer": t["answer"], "cot": t["cot"]} for t in turns]
     return sample
 
 
-# colour and shape questions are about close-ups, a data set of their own (CLOSEUP_MIX). The close-ups take
-# updates from counting (measured: count fell from 68% to 44-48% when they came in), so count is weighted up;
-# position and count_color stay at chance whatever their weight, so they are weighted down.
-VQA_MIX = {"count": 2.4, "count_color": 0.25, "position": 0.25, "describe": 0.4, "color_of": 0.2, "which_more": 0.2}
-# shape needs far more examples than colour, but colour still needs about one close-up in six (at one in nine it
-# reached only 38%, measured)
+# colour and shape questions are about close-ups, a data set of their own (CLOSEUP_MIX). The
+# close-ups take updates from counting (measured: count fell from 68% to 44-48% when they came in),
+# so count is weighted up; position and count_color stay at chance whatever their weight, so they
+# are weighted down.
+VQA_MIX = {"count": 2.4, "count_color": 0.25, "position": 0.25, "describe": 0.4, "color_of": 0.2,
+           "which_more": 0.2}
+# shape needs far more examples than colour, but colour still needs about one close-up in six (at
+# one in nine it reached only 38%, measured)
 CLOSEUP_MIX = {"shape": 5.0, "color": 1.0}
 COT_MIX = {"arith_two": 0.4, "arith_add": 0.3, "count_cot": 0.3}
-MULTI_TURN_P = 0.3  # chance that a single-image sample gets 1-2 more questions about the same picture
+# chance that a single-image sample gets 1-2 more questions about the same picture
+MULTI_TURN_P = 0.3
 
 
 def vqa_samples(rng, n: int, bank: ImageBank) -> list:
@@ -536,7 +555,8 @@ FACTS_QA = [
 
 
 def text_qa(rng) -> list:
-    """One text-only conversation (list of qa turns): facts, sums, sums with chain of thought, list counting."""
+    """One text-only conversation (list of qa turns): facts, sums, sums with chain of thought, list
+    counting."""
     kind = rng.choice(["fact", "add", "add_more", "add_cot", "list_count"])
     if kind == "fact":
         q, a = rng.choice(FACTS_QA)
@@ -562,14 +582,17 @@ def text_samples(rng, n: int) -> list:
 # -----------------------------------------------------------------------------
 # pre-training: interleaved image-text documents and pure text
 
-LEADS = ["Here is a picture.", "Look at this image.", "This is a drawing.", "A picture:", "See this picture."]
-CONNECTORS = ["Here is another picture.", "Next,", "The next picture:", "And another one.", "Now look at this."]
+LEADS = ["Here is a picture.", "Look at this image.", "This is a drawing.", "A picture:",
+         "See this picture."]
+CONNECTORS = ["Here is another picture.", "Next,", "The next picture:", "And another one.",
+              "Now look at this."]
 NAMES = ["Anna", "Ben", "Mia", "Tom", "Lea", "Sam"]
 
 
 def interleaved_doc(rng, idx: int, bank: ImageBank) -> dict:
     n_img = rng.randint(2, 4)
-    scenes = [sample_scene(rng, [random_spec(rng) for _ in range(rng.randint(1, 6))]) for _ in range(n_img)]
+    scenes = [sample_scene(rng, [random_spec(rng) for _ in range(rng.randint(1, 6))])
+              for _ in range(n_img)]
     parts = []
     for j, scene in enumerate(scenes):
         lead = rng.choice(LEADS if j == 0 else CONNECTORS)
@@ -577,7 +600,8 @@ def interleaved_doc(rng, idx: int, bank: ImageBank) -> dict:
     total = sum(len(s.objects) for s in scenes)
     if rng.random() < 0.5:  # ties counting to addition across pictures, like the arith questions
         counts = [len(s.objects) for s in scenes]
-        parts.append(f"In total there are {' + '.join(map(str, counts))} = {total} shapes in these pictures.")
+        parts.append(f"In total there are {' + '.join(map(str, counts))} = {total} shapes "
+                     "in these pictures.")
     return {"id": idx, "image": [bank.add(s) for s in scenes], "text": " ".join(parts)}
 
 
@@ -588,16 +612,19 @@ def closeup_doc(rng, idx: int, bank: ImageBank) -> dict:
     for j, scene in enumerate(scenes):
         o = scene.objects[0]
         lead = rng.choice(LEADS if j == 0 else CONNECTORS)
-        text = rng.choice([f"It shows {a_obj(o)}.", f"This is {a_obj(o)}.", f"A {o.shape}. Its colour is {o.colour}."])
+        text = rng.choice([f"It shows {a_obj(o)}.", f"This is {a_obj(o)}.",
+                           f"A {o.shape}. Its colour is {o.colour}."])
         parts.append(f"{lead} <image>\n{text}")
     return {"id": idx, "image": [bank.add(s) for s in scenes], "text": " ".join(parts)}
 
 
 FACTS = [
-    "A triangle has three sides.", "A square has four equal sides.", "A circle is round and has no corners.",
-    "A star has five points.", "The colours are red, green, blue, yellow, purple and orange.",
-    "There are four kinds of shapes: circle, square, triangle and star.", "Shapes never overlap in a picture.",
-    "A picture shows between one and six shapes.", "Left is the opposite of right.",
+    "A triangle has three sides.", "A square has four equal sides.",
+    "A circle is round and has no corners.", "A star has five points.",
+    "The colours are red, green, blue, yellow, purple and orange.",
+    "There are four kinds of shapes: circle, square, triangle and star.",
+    "Shapes never overlap in a picture.", "A picture shows between one and six shapes.",
+    "Left is the opposite of right.",
 ]
 
 
@@ -620,11 +647,13 @@ def text_line(rng, idx: int) -> dict:
         specs = [random_spec(rng) for _ in range(rng.randint(1, 6))]
         counts = Counter(c for c, _ in specs)
         colour = rng.choice(list(counts))
-        text = (f"A picture shows {join([a_thing(c, s) for c, s in specs])}. {there_are(len(specs))} in it. "
+        text = (f"A picture shows {join([a_thing(c, s) for c, s in specs])}. "
+                f"{there_are(len(specs))} in it. "
                 f"{counts[colour]} of them {'is' if counts[colour] == 1 else 'are'} {colour}.")
     else:
         n = rng.randint(2, 8)
-        text = f"Counting to {n}: {', '.join(NUM_WORDS[1:n + 1])}. That is {' '.join(map(str, range(1, n + 1)))}."
+        text = (f"Counting to {n}: {', '.join(NUM_WORDS[1:n + 1])}. "
+                f"That is {' '.join(map(str, range(1, n + 1)))}.")
     return {"id": idx, "text": text}
 
 
@@ -633,8 +662,9 @@ def text_line(rng, idx: int) -> dict:
 
 
 def eval_items(rng, n_per_type: int, bank: ImageBank):
-    """n_per_type questions per EVAL_TYPES entry; answers cycle through the options so every type is balanced
-    (arith is a sum of two counts and cannot be, hence the measured "majority" in types.json)."""
+    """n_per_type questions per EVAL_TYPES entry; answers cycle through the options so every type
+    is balanced (arith is a sum of two counts and cannot be: hence the measured "majority" in
+    types.json)."""
     items, scenes_of = [], []
     for qtype, info in EVAL_TYPES.items():
         for i in range(n_per_type):
@@ -646,8 +676,8 @@ def eval_items(rng, n_per_type: int, bank: ImageBank):
             assert turn["type"] == qtype and turn["cot"] == info["cot"]
             paths = [bank.add(s) for s in scenes]
             items.append({"id": len(items), "image": paths[0] if len(paths) == 1 else paths,
-                          "question": image_tags(len(paths)) + turn["question"], "answer": turn["answer"],
-                          "type": qtype, "cot": turn["cot"]})
+                          "question": image_tags(len(paths)) + turn["question"],
+                          "answer": turn["answer"], "type": qtype, "cot": turn["cot"]})
             scenes_of.append(scenes)
     return items, scenes_of
 
@@ -657,13 +687,14 @@ def eval_types(items: list) -> dict:
     for qtype, info in EVAL_TYPES.items():
         answers = [it["answer"] for it in items if it["type"] == qtype]
         majority = max(Counter(answers).values()) / len(answers) if answers else 0.0
-        out[qtype] = {"chance": 1 / len(info["answers"]), "answers": info["answers"], "n": len(answers),
-                      "cot": info["cot"], "majority": round(majority, 4)}
+        out[qtype] = {"chance": 1 / len(info["answers"]), "answers": info["answers"],
+                      "n": len(answers), "cot": info["cot"], "majority": round(majority, 4)}
     return out
 
 
 def eval_prompts(items: list, scenes_of: list) -> list:
-    """First item of every type, plus 'Describe the image.' on a 3-shape count picture: fixed samples to log."""
+    """Fixed samples to log: the first item of every type, plus 'Describe the image.' on a 3-shape
+    count picture."""
     prompts, seen = [], set()
     for it, scenes in zip(items, scenes_of):
         if it["type"] not in seen:
@@ -673,7 +704,7 @@ def eval_prompts(items: list, scenes_of: list) -> list:
             seen.add("describe")
             d = describe(scenes[0])
             prompts.append({"image": it["image"], "question": "<image>\nDescribe the image.",
-                            "answer": normalize_answer(d), "type": "describe", "cot": False})
+                            "answer": normalise(d), "type": "describe", "cot": False})
     return prompts
 
 
@@ -682,14 +713,12 @@ def eval_prompts(items: list, scenes_of: list) -> list:
 
 
 def build_tokenizer(out_dir, texts, vocab_size: int = 1024) -> str:
-    """Train a byte-level BPE on the world's text (+ chat template and system message) -> out_dir/tokenizer.json."""
-    try:
-        from nanovl3 import chat
-    except ImportError:  # run as `python data/toyworld.py`: the repo root is not on sys.path
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from nanovl3 import chat
-    texts = [t.replace("<image>", "") for t in texts]  # placeholders are expanded before tokenisation
-    # every training sample starts with the system turn; repeating it makes BPE merge it into few tokens
+    """Train a byte-level BPE on the world's text (+ chat template and system message)
+    -> out_dir/tokenizer.json."""
+    # placeholders are expanded before tokenisation
+    texts = [t.replace("<image>", "") for t in texts]
+    # every training sample starts with the system turn; repeating it makes BPE merge it into few
+    # tokens
     system = f"<|im_start|>system\n{chat.DEFAULT_SYSTEM_MESSAGE}<|im_end|>\n"
     texts += TEMPLATE_PIECES * 50 + [chat.DEFAULT_SYSTEM_MESSAGE, system] * max(50, len(texts) // 4)
     chat.train_tokenizer(texts, vocab_size).save(str(out_dir))
@@ -700,23 +729,12 @@ def build_tokenizer(out_dir, texts, vocab_size: int = 1024) -> str:
 # generate: everything into a temp dir, DONE last, then one rename
 
 
-def write_jsonl(path: Path, rows: list):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-
-
 def write_world(root: Path, p: dict) -> dict:
-    # one RNG per stream (string seeds hash with sha512: stable across runs), so e.g. changing n_eval
-    # leaves the training data untouched and eval pictures never repeat a training stream
+    # one RNG per stream (string seeds hash with sha512: stable across runs), so e.g. changing
+    # n_eval leaves the training data untouched and eval pictures never repeat a training stream
     stream = lambda name: random.Random(f"toyworld/{p['seed']}/{name}")  # noqa: E731
-    sft_bank, pre_bank, eval_bank = ImageBank("images/sft"), ImageBank("images/pretrain"), ImageBank("images")
+    sft_bank, pre_bank = ImageBank("images/sft"), ImageBank("images/pretrain")
+    eval_bank = ImageBank("images")
 
     n_vqa, n_cot = round(0.55 * p["n_sft"]), round(0.35 * p["n_sft"])
     n_text_sft = p["n_sft"] - n_vqa - n_cot
@@ -743,15 +761,16 @@ def write_world(root: Path, p: dict) -> dict:
         "toy_vqa": {**common, "annotation": "vqa.jsonl", "length": len(vqa)},
         "toy_closeup": {**common, "annotation": "closeup.jsonl", "length": len(closeups)},
         "toy_cot": {**common, "annotation": "cot.jsonl", "length": len(cots)},
-        "toy_text": {"root": ".", "annotation": "text.jsonl", "repeat_time": 1, "data_augment": False,
-                     "length": len(texts_sft)},
+        "toy_text": {"root": ".", "annotation": "text.jsonl", "repeat_time": 1,
+                     "data_augment": False, "length": len(texts_sft)},
     })
     write_jsonl(root / "pretrain/interleaved.jsonl", docs)
     write_jsonl(root / "pretrain/text.jsonl", lines)
     write_json(root / "pretrain/meta.json", {
-        "toy_interleaved": {**common, "annotation": "interleaved.jsonl", "length": len(docs), "kind": "interleaved"},
-        "toy_text": {"root": ".", "annotation": "text.jsonl", "repeat_time": 1, "data_augment": False,
-                     "length": len(lines), "kind": "text"},
+        "toy_interleaved": {**common, "annotation": "interleaved.jsonl", "length": len(docs),
+                            "kind": "interleaved"},
+        "toy_text": {"root": ".", "annotation": "text.jsonl", "repeat_time": 1,
+                     "data_augment": False, "length": len(lines), "kind": "text"},
     })
     write_jsonl(root / "eval/eval.jsonl", items)
     write_jsonl(root / "eval/text.jsonl", eval_text)
@@ -762,9 +781,11 @@ def write_world(root: Path, p: dict) -> dict:
     render_all(root / "eval", eval_bank.items)
 
     corpus = [t["value"] for s in vqa + closeups + cots + texts_sft for t in s["conversations"]]
-    corpus += [d["text"] for d in docs] + [l["text"] for l in lines] + [it["question"] for it in items]
+    corpus += [d["text"] for d in docs] + [l["text"] for l in lines]
+    corpus += [it["question"] for it in items]
     build_tokenizer(root, corpus, p["vocab_size"])
-    return {"sft_vqa": len(vqa), "sft_closeup": len(closeups), "sft_cot": len(cots), "sft_text": len(texts_sft), "pretrain_interleaved": len(docs),
+    return {"sft_vqa": len(vqa), "sft_closeup": len(closeups), "sft_cot": len(cots),
+            "sft_text": len(texts_sft), "pretrain_interleaved": len(docs),
             "pretrain_text": len(lines), "eval": len(items),
             "images": len(sft_bank.items) + len(pre_bank.items) + len(eval_bank.items)}
 
@@ -772,7 +793,8 @@ def write_world(root: Path, p: dict) -> dict:
 def summary(root: Path, done: dict) -> dict:
     return {"root": str(root), "pretrain_meta": str(root / "pretrain/meta.json"),
             "sft_meta": str(root / "sft/meta.json"), "eval_file": str(root / "eval/eval.jsonl"),
-            "eval_types": str(root / "eval/types.json"), "eval_prompts": str(root / "eval/prompts.json"),
+            "eval_types": str(root / "eval/types.json"),
+            "eval_prompts": str(root / "eval/prompts.json"),
             "tokenizer": str(root / "tokenizer.json"), **done}
 
 
@@ -783,25 +805,29 @@ def read_done(root: Path):
         return None
 
 
-def generate(out_dir: str, seed: int = 0, n_sft: int = 4000, n_closeup: int = 12000, n_pretrain: int = 1500,
-             n_eval: int = 100, n_text: int = None, vocab_size: int = 1024) -> dict:
-    """Write the toy world to out_dir (see the module docstring for the layout) and return a summary dict:
-    absolute paths (root, pretrain_meta, sft_meta, eval_file, eval_types, eval_prompts, tokenizer), params, counts.
+def generate(out_dir: str, seed: int = 0, n_sft: int = 4000, n_closeup: int = 12000,
+             n_pretrain: int = 1500, n_eval: int = 100, n_text: int = None,
+             vocab_size: int = 1024) -> dict:
+    """Write the toy world to out_dir (see the module docstring for the layout) and return a summary
+    dict: absolute paths (root, pretrain_meta, sft_meta, eval_file, eval_types, eval_prompts,
+    tokenizer), params, counts.
 
-    n_sft: SFT conversations (55% vqa, 35% cot, 10% text); n_closeup: SFT colour / shape questions about
-    close-ups; n_pretrain: interleaved documents (2-4 pictures each), and as many of 3-6 close-ups;
-    n_text: pure-text pre-training lines (default 4/3 n_pretrain); n_eval: held-out questions per type.
-    Idempotent: returns at once if out_dir/DONE records the same params. Nothing half-written is ever visible.
+    n_sft: SFT conversations (55% vqa, 35% cot, 10% text); n_closeup: SFT colour / shape questions
+    about close-ups; n_pretrain: interleaved documents (2-4 pictures each), and as many of 3-6
+    close-ups; n_text: pure-text pre-training lines (default 4/3 n_pretrain); n_eval: held-out
+    questions per type. Idempotent: returns at once if out_dir/DONE records the same params. Nothing
+    half-written is ever visible.
     """
     root = Path(out_dir).resolve()
     n_text = round(4 * n_pretrain / 3) if n_text is None else n_text
-    params = dict(version=FORMAT_VERSION, seed=seed, n_sft=n_sft, n_closeup=n_closeup, n_pretrain=n_pretrain, n_text=n_text,
-                  n_eval=n_eval, vocab_size=vocab_size)
+    params = dict(version=FORMAT_VERSION, seed=seed, n_sft=n_sft, n_closeup=n_closeup,
+                  n_pretrain=n_pretrain, n_text=n_text, n_eval=n_eval, vocab_size=vocab_size)
     done = read_done(root)
     if done and done.get("params") == params:
         return summary(root, done)
     if root.exists() and done is None and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists, is not empty and is not a toy world (no DONE file); not touching it")
+        raise FileExistsError(f"{root} exists, is not empty and is not a toy world (no DONE file); "
+                              "not touching it")
 
     t0 = time.time()
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -815,7 +841,8 @@ def generate(out_dir: str, seed: int = 0, n_sft: int = 4000, n_closeup: int = 12
             root.rename(old / "world")
         try:
             tmp.rename(root)
-        except OSError:  # another process finished the same world first (e.g. several ranks at once)
+        except OSError:
+            # another process finished the same world first (e.g. several ranks at once)
             if (read_done(root) or {}).get("params") != params:
                 raise
             shutil.rmtree(tmp)
@@ -828,8 +855,9 @@ def generate(out_dir: str, seed: int = 0, n_sft: int = 4000, n_closeup: int = 12
 
 
 def ensure(out_dir: str) -> dict:
-    """The toy world in out_dir as train.py expects it: kept if one of this FORMAT_VERSION is there (any size or
-    seed, e.g. a test's small world), otherwise generated with the defaults (also over an older version)."""
+    """The toy world in out_dir as train.py expects it: kept if one of this FORMAT_VERSION is there
+    (any size or seed, e.g. a test's small world), otherwise generated with the defaults (also over
+    an older version)."""
     root = Path(out_dir).resolve()
     done = read_done(root)
     if done and done.get("params", {}).get("version") == FORMAT_VERSION:
@@ -846,11 +874,16 @@ def file_digest(path) -> str:
 # command line
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Generate the nanovl3 toy world (see module docstring).")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "toy"), help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="world seed; same seed -> identical files")
-    parser.add_argument("--size", choices=list(SIZES), default="full", help="small: tests; full: the CPU toy run")
-    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size of tokenizer.json")
+    parser = argparse.ArgumentParser(
+        description="Generate the nanovl3 toy world (see the module docstring).")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "toy"),
+                        help="output directory")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="world seed; same seed -> identical files")
+    parser.add_argument("--size", choices=list(SIZES), default="full",
+                        help="small: tests; full: the CPU toy run")
+    parser.add_argument("--vocab-size", type=int, default=1024,
+                        help="BPE vocabulary size of tokenizer.json")
     args = parser.parse_args()
     info = generate(args.out, seed=args.seed, vocab_size=args.vocab_size, **SIZES[args.size])
     print(json.dumps(info, indent=2))

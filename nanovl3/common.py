@@ -1,10 +1,9 @@
-"""
-Small shared pieces: the user-facing error type, device/dtype choice, rank-0 printing, atomic writes.
+"""Small shared pieces: the user-facing error type, device/dtype choice, rank-0 printing, atomic
+writes, JSON Lines files. Nothing here knows about the model; every other module may import it."""
 
-Nothing here knows about the model; every other module may import it.
-"""
-
+import json
 import os
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -14,13 +13,10 @@ import torch
 # -----------------------------------------------------------------------------
 # errors
 
-
 class UserError(Exception):
-    """Bad input from a user (a file, a flag, a line of data).
-
-    Scripts catch it and print `error: <message>` as one line on stderr, then exit non-zero:
-    a user's mistake never produces a traceback. The message must name the file, line, key or flag.
-    """
+    """Bad input from a user (a file, a flag, a line of data). Scripts catch it and print
+    `error: <message>` as one line on stderr, then exit non-zero: a user's mistake never produces a
+    traceback. The message must name the file, line, key or flag."""
 
 
 def die(msg: str, code: int = 2):
@@ -42,7 +38,6 @@ def user_errors():
 # -----------------------------------------------------------------------------
 # device / dtype
 
-
 def pick_device(name: str | None = None) -> torch.device:
     """'cpu' | 'cuda' | 'cuda:1' | None (= cuda when present, else cpu)."""
     if name in (None, "", "auto"):
@@ -56,8 +51,8 @@ def pick_device(name: str | None = None) -> torch.device:
     return dev
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -72,7 +67,6 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
 # -----------------------------------------------------------------------------
 # printing and files
 
-
 def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
@@ -84,17 +78,15 @@ def print0(*args, **kwargs):
 
 
 def eprint(*args, **kwargs):
-    """diagnostics go to stderr so stdout can stay clean (sample.py prints only the answer there)."""
+    """diagnostics go to stderr so stdout stays clean (sample.py prints only the answer there)."""
     print(*args, file=sys.stderr, **kwargs)
 
 
 @contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block finishes.
-
-    A crash or Ctrl-C mid-write leaves the old file (or nothing) in place, never half a file.
-    Works for files and for directories.
-    """
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block finishes: a
+    crash or Ctrl-C mid-write leaves the old file (or nothing) in place, never half a file. Works
+    for files and for directories."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -104,11 +96,52 @@ def atomic_path(path: str):
         yield tmp_target
         if os.path.isdir(path) and os.path.isdir(tmp_target):
             # directories cannot be replaced by rename in one step: move the old one aside first
-            old = os.path.join(tmp, "old")
-            os.rename(path, old)
+            os.rename(path, os.path.join(tmp, "old"))
             os.rename(tmp_target, path)
         else:
             os.replace(tmp_target, path)
     finally:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path, obj):
+    with atomic_path(str(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def write_jsonl(path, rows):
+    """Write one JSON object per line, atomically (the project's one JSONL writer)."""
+    with atomic_path(str(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path, bad: list | None = None) -> list[tuple[int, dict]]:
+    """-> [(line number (1-based), object)]; blank lines are skipped. A line that is not a JSON
+    object raises a UserError naming file and line, or, when a `bad` list is given
+    (--skip-bad-samples), is skipped and its message appended to `bad`."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    obj = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text")
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})")
+                if not isinstance(obj, dict):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object, got "
+                                    f"{type(obj).__name__}")
+            except UserError as e:
+                if bad is None:
+                    raise
+                bad.append(str(e))
+                continue
+            rows.append((lineno, obj))
+    return rows

@@ -1,25 +1,21 @@
 """
-Test-time scaling: sample N answers, let a critic pick one (InternVL3 arXiv 2504.10479 §2.4, VisualPRM arXiv
-2503.10291). Also the one rule that reads a final answer, shared by evaluation, preference data and majority voting.
+Test-time scaling: sample N answers, a critic picks one (InternVL3 arXiv 2504.10479 §2.4, VisualPRM
+arXiv 2503.10291); also the one rule that reads final answers (evaluation, preference data, voting).
 
-    steps = split_steps(response)                              # "\\n\\n" separates the steps of a solution
+    steps = split_steps(response)                              # "\\n\\n" separates the steps
     conv = prm_conversation(question, steps, ["+", "-", "+"])  # PRM training sample (SFT format)
-    scores = prm_step_scores(prm, tok, question, responses, pixel_values, num_tiles)   # P("+") per step, per response
-    best = best_of_n([aggregate(s, "mean") for s in scores])   # VisualPRM: a response scores the mean of its steps
-
-    critic = load_critic("majority" | "PRM_DIR" | "outcome:PRM_DIR" | "vote:PRM_DIR")   # sample.py --critic
+    scores = prm_step_scores(prm, tok, question, responses, pixel_values, num_tiles)  # P("+")
+    best = best_of_n([aggregate(s, "mean") for s in scores])   # VisualPRM: the mean of the steps
+    critic = load_critic("majority" | "PRM_DIR" | "outcome:PRM_DIR" | "vote:PRM_DIR")  # --critic
     best = best_of_n(score_responses(critic, question, responses, pixel_values, num_tiles))
 
-The PRM is an ordinary InternVL checkpoint trained (SFT) on multi-turn conversations: the user gives the question
-and the first step, then one step per turn; the assistant answers each with "+" (correct so far) or "-" (SPEC §8).
-Reading P("+") at every assistant position of one conversation scores all steps in one forward pass.
-Critics: "majority" (self-consistency, no model), "prm" (mean of the step scores, VisualPRM), "outcome" (the
-score of the last step, which judges the whole solution: an outcome reward from the same checkpoint), "vote"
-(PRM-weighted majority: each final answer collects the mean step scores of the samples that give it).
-`question` always keeps its <image> tags; `pixel_values` [N,3,S,S] are its tiles, cut for the PRM's own config.
-Shapes: B rows of a batch, T padded tokens, C hidden size, V vocab, K judged positions (steps) in a batch.
-Tests: python -m pytest -q tests/test_critic.py
-"""
+The PRM is an InternVL checkpoint SFT-trained on conversations of one step per user turn (the first
+with the question), each answered "+" (correct so far) or "-": P("+") at every assistant position
+scores all steps in one forward. `question` keeps its <image> tags; `pixel_values` [N,3,S,S] are its
+tiles, cut for the PRM's config. Shapes: B rows, T tokens, C hidden, V vocab, K judged positions.
+References: upstream OpenGVLab/InternVL internvl_chat/tools/reasoning_data_pipeline/ (PRM data and
+step splitting); the VisualPRM checkpoint's remote code (`InternVLRewardModel`: step scoring).
+Tests: python -m pytest -q tests/test_critic.py"""
 
 import re
 from collections import Counter
@@ -28,18 +24,19 @@ from dataclasses import dataclass
 import torch
 
 from nanovl3.attention import causal_mask
-from nanovl3.chat import IGNORE, Tokenizer, tokenize_conversation
+from nanovl3.chat import Tokenizer, tokenize_conversation
 from nanovl3.common import UserError
+from nanovl3.losses import IGNORE
 from nanovl3.model import InternVL
 
-# our own wording of VisualPRM's system prompt (the reward model reads it as the conversation's system turn)
-PRM_SYSTEM_PROMPT = ("You are a careful grader. You will see a question and a solution, one step at a time. "
-                     "After each step, reply \"+\" if every step so far is correct and \"-\" if there is a mistake.")
+PRM_SYSTEM_PROMPT = (  # our own wording of VisualPRM's system prompt (the PRM's system turn)
+    "You are a careful grader. You will see a question and a solution, one step at a time. After "
+    "each step, reply \"+\" if every step so far is correct and \"-\" if there is a mistake.")
 PLUS, MINUS = "+", "-"
+AGGREGATE = {"prm": "mean", "outcome": "last", "vote": "mean"}  # a PRM critic's rule (aggregate)
 
 # -----------------------------------------------------------------------------
-# final answers (the one grading rule of the project)
-
+# final answers (the one grading rule of the project) and majority voting
 ANSWER_RE = re.compile(r"The answer is\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)
 
 
@@ -48,7 +45,7 @@ def normalise(answer: str) -> str:
 
 
 def final_answer(text: str) -> str:
-    """Final answer of a response: the last 'The answer is X.' line if there is one, else the whole text."""
+    """The last 'The answer is X.' line of a response if there is one, else the whole text."""
     found = ANSWER_RE.findall(text)
     return normalise(found[-1] if found else text)
 
@@ -57,44 +54,9 @@ def is_correct(response: str, answer) -> bool:
     return final_answer(response) == normalise(str(answer))
 
 
-# -----------------------------------------------------------------------------
-# steps and the PRM conversation (SPEC §8)
-
-
-def split_steps(response: str, max_steps: int | None = None) -> list[str]:
-    """Steps are separated by blank lines. With max_steps m, consecutive pieces are grouped into chunks of
-    ceil(n/m) pieces so that a long solution gets at most m judgments (the VisualPRM data pipeline uses m = 12)."""
-    pieces = [p.strip() for p in response.strip().split("\n\n") if p.strip()]
-    if max_steps and len(pieces) > max_steps:
-        k = -(-len(pieces) // max_steps)  # ceil(n / m) pieces per chunk
-        pieces = ["\n\n".join(pieces[i:i + k]) for i in range(0, len(pieces), k)]
-    return pieces or [response.strip()]
-
-
-def prm_conversation(question: str, steps: list[str], labels: list[str] | None = None) -> list[dict]:
-    """Question + steps -> the PRM conversation in the SFT data format (system turn first).
-
-    Turn 1 user: "### Question:\\n{question}\\n\\n### Solution Process:\\n{step 0}"; turn k user: step k; every
-    assistant turn: its label ("+" placeholders when scoring). `question` keeps its <image> tags.
-    """
-    labels = labels or [PLUS] * len(steps)
-    if len(labels) != len(steps):
-        raise ValueError(f"prm_conversation: {len(steps)} steps but {len(labels)} labels")
-    conv = [{"from": "system", "value": PRM_SYSTEM_PROMPT}]
-    for k, (step, label) in enumerate(zip(steps, labels)):
-        user = f"### Question:\n{question}\n\n### Solution Process:\n{step}" if k == 0 else step
-        conv += [{"from": "human", "value": user}, {"from": "gpt", "value": label}]
-    return conv
-
-
-# -----------------------------------------------------------------------------
-# critics without a model
-
-
 def majority_vote(responses: list[str], weights: list[float] | None = None) -> list[float]:
-    """Self-consistency: each response scores the share of responses with the same final answer. With weights
-    (a critic's score per response), the share of the total weight: a weighted vote, which keeps the averaging
-    over samples that majority voting does and lets the critic discount the samples it doubts."""
+    """Self-consistency: each response scores the share of responses with its final answer; with
+    weights (a critic's score per response), its share of the total weight: a weighted vote."""
     weights = [1.0] * len(responses) if weights is None else weights
     if len(weights) != len(responses):
         raise ValueError(f"majority_vote: {len(responses)} responses but {len(weights)} weights")
@@ -107,94 +69,98 @@ def majority_vote(responses: list[str], weights: list[float] | None = None) -> l
 
 
 # -----------------------------------------------------------------------------
-# scoring steps with a PRM (SPEC §8)
+# the PRM (steps, conversation, step scores) and Best-of-N, one interface for sample.py and scripts
+
+def split_steps(response: str, max_steps: int | None = None) -> list[str]:
+    """Steps are separated by blank lines. With max_steps m, consecutive pieces are grouped into
+    chunks of ceil(n/m) pieces: at most m judgments for a long solution (upstream uses m = 12)."""
+    pieces = [p.strip() for p in response.strip().split("\n\n") if p.strip()]
+    if max_steps and len(pieces) > max_steps:
+        k = -(-len(pieces) // max_steps)  # ceil(n / m) pieces per chunk
+        pieces = ["\n\n".join(pieces[i:i + k]) for i in range(0, len(pieces), k)]
+    return pieces or [response.strip()]
+
+
+def prm_conversation(question: str, steps: list[str],
+                     labels: list[str] | None = None) -> list[dict]:
+    """Question + steps -> the PRM conversation in the SFT data format: the system turn, then a user
+    turn per step (the first with the question), each answered by its label ("+" when scoring)."""
+    labels = labels or [PLUS] * len(steps)
+    if len(labels) != len(steps):
+        raise ValueError(f"prm_conversation: {len(steps)} steps but {len(labels)} labels")
+    conv = [{"from": "system", "value": PRM_SYSTEM_PROMPT}]
+    for k, (step, label) in enumerate(zip(steps, labels)):
+        user = f"### Question:\n{question}\n\n### Solution Process:\n{step}" if k == 0 else step
+        conv += [{"from": "human", "value": user}, {"from": "gpt", "value": label}]
+    return conv
 
 
 def plus_minus_ids(tok: Tokenizer) -> tuple[int, int]:
-    """Ids of "+" and "-": the PRM's two answers. Each must be one token, else there is no single logit to read."""
-    ids = []
-    for s in (PLUS, MINUS):
-        enc = tok.encode(s)
+    """Ids of "+" and "-", the PRM's two answers: each must be one token, to give one logit."""
+    ids = [tok.encode(s) for s in (PLUS, MINUS)]
+    for s, enc in zip((PLUS, MINUS), ids):
         if len(enc) != 1:
-            raise UserError(f"{tok.path}: the PRM tokenizer encodes {s!r} as {len(enc)} tokens {enc}; "
-                            "step scores need it to be one token")
-        ids.append(enc[0])
-    return ids[0], ids[1]
+            raise UserError(f"{tok.path}: the PRM tokenizer encodes {s!r} as {len(enc)} tokens "
+                            f"{enc}; step scores need it to be one token")
+    return ids[0][0], ids[1][0]
 
 
 def prm_inputs(tok: Tokenizer, question: str, steps: list[str], num_tiles: list[int],
                tokens_per_tile: int) -> tuple[list[int], list[int]]:
-    """The PRM conversation of one response -> (input_ids, positions): positions[k] predicts step k's "+".
-
-    Tokenised by the SFT code itself, so scoring reads exactly the positions PRM training supervised: a supervised
-    span starts at each assistant answer (labels[i] != IGNORE after IGNORE); position i - 1 is the "\\n" that ends
-    "<|im_start|>assistant\\n", whose logits predict the answer token i.
-    """
-    ids, labels = tokenize_conversation(tok, prm_conversation(question, steps), num_tiles, tokens_per_tile)
+    """One response's PRM conversation -> (input_ids, positions), positions[k] predicting step k's
+    "+". Tokenised by the SFT code, so scoring reads the positions that PRM training supervised: an
+    answer starting at i is predicted at i - 1, the "\\n" ending "<|im_start|>assistant\\n"."""
+    conv = prm_conversation(question, steps)
+    ids, labels = tokenize_conversation(tok, conv, num_tiles, tokens_per_tile)
     starts = [i for i in range(1, len(ids)) if labels[i] != IGNORE and labels[i - 1] == IGNORE]
     if len(starts) != len(steps):
-        raise ValueError(f"prm_inputs: {len(steps)} steps but {len(starts)} answer spans in the tokenised conversation")
+        raise ValueError(f"prm_inputs: {len(steps)} steps but {len(starts)} answer spans in the "
+                         "tokenised conversation")
     plus = plus_minus_ids(tok)[0]
     for i in starts:
         if ids[i] != plus:  # e.g. a tokenizer that merges "+" with a neighbour
-            raise UserError(f"{tok.path}: the PRM answer token at {i} is {tok.decode([ids[i]])!r}, not {PLUS!r}")
+            got = tok.decode([ids[i]])
+            raise UserError(f"{tok.path}: the PRM answer token at {i} is {got!r}, not {PLUS!r}")
     return ids, [i - 1 for i in starts]
 
 
 @torch.no_grad()
-def prm_step_scores(prm: InternVL, tok: Tokenizer, question: str, responses: list[str], pixel_values=None,
-                    num_tiles: list[int] = (), max_steps: int | None = None, batch_size: int = 8) -> list[list[float]]:
-    """P("+") of every step of every response (SPEC §8): softmax over [logit("+"), logit("-")].
-
-    All steps of a response are judged in one forward over its whole conversation ("+" placeholders as answers).
-    question keeps its <image> tags; pixel_values [N,3,S,S] are the question's tiles ONCE (None: text only) and
-    num_tiles the tiles per image. Rows are right-padded, which causal attention never lets a real token see,
-    so a response scores the same alone or in a batch.
-    """
+def prm_step_scores(prm: InternVL, tok: Tokenizer, question: str, responses: list[str],
+                    pixel_values=None, num_tiles: list[int] = (), max_steps: int | None = None,
+                    batch_size: int = 8) -> list[list[float]]:
+    """P("+") of every step of every response (softmax over the "+" and "-" logits). pixel_values
+    [N,3,S,S]: the question's tiles ONCE (None: text only); num_tiles: tiles per image. Rows are
+    right-padded, hidden from real tokens by causal attention: a row scores the same in a batch."""
     prm.eval()
     weight = prm.language_model.lm_head.weight
     device, dtype = weight.device, weight.dtype
     plus, minus = plus_minus_ids(tok)
-    rows = [prm_inputs(tok, question, split_steps(r, max_steps), list(num_tiles), prm.cfg.num_image_token)
-            for r in responses]
-    # every row shows the same image: run the ViT once and write its features into each row
-    vit = None if pixel_values is None else prm.extract_feature(pixel_values.to(device=device, dtype=dtype))
-
+    steps = [split_steps(r, max_steps) for r in responses]
+    rows = [prm_inputs(tok, question, s, list(num_tiles), prm.cfg.num_image_token) for s in steps]
+    vit = None if pixel_values is None else prm.extract_feature(pixel_values.to(device, dtype))
     scores = []
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
-        B, T = len(chunk), max(len(row_ids) for row_ids, _ in chunk)
-        ids = torch.full((B, T), tok.pad_id, dtype=torch.long)  # right padding
-        for r, (row_ids, _) in enumerate(chunk):
-            ids[r, :len(row_ids)] = torch.tensor(row_ids)
-        ids = ids.to(device)
-        x = prm.embed(ids, features=None if vit is None else vit.repeat(B, 1, 1))  # [B, T, C]: each row its copy
+        B, T = len(chunk), max(len(row) for row, _ in chunk)
+        ids = torch.tensor([row + [tok.pad_id] * (T - len(row)) for row, _ in chunk], device=device)
+        x = prm.embed(ids, features=None if vit is None else vit.repeat(B, 1, 1))  # [B,T,C]
         pos_ids = torch.arange(T, device=device).expand(B, T)  # real tokens 0..n-1 as in SFT
-        # padding sits to the right of every real token, so a causal mask alone keeps it out of sight (no doc ids)
-        h = prm.language_model(x, pos_ids, causal_mask(B, T, device))  # [B, T, C]
-        # gather the judged positions of all rows and project only those (never [B, T, V])
+        h = prm.language_model(x, pos_ids, causal_mask(B, T, device))  # [B,T,C]
+        # gather the judged positions of all rows and project only those (never [B,T,V])
         row_of = [r for r, (_, pos) in enumerate(chunk) for _ in pos]
         pos_of = [p for _, pos in chunk for p in pos]
-        logits = prm.language_model.lm_head(h[row_of, pos_of]).float()  # [K, V]
+        logits = prm.language_model.lm_head(h[row_of, pos_of]).float()  # [K,V]
         p_plus = logits[:, [plus, minus]].softmax(-1)[:, 0]  # [K]
         scores += [s.tolist() for s in p_plus.split([len(pos) for _, pos in chunk])]
     return scores
 
 
 def aggregate(step_scores: list[float], how: str = "mean") -> float:
-    """One score per response from its step scores: "mean" (VisualPRM), "min" (the weakest step), "last" (the
-    last step's judgment covers the whole solution: our outcome-reward option)."""
-    if how == "mean":
-        return sum(step_scores) / len(step_scores)
-    if how == "min":
-        return min(step_scores)
-    if how == "last":
-        return step_scores[-1]
-    raise ValueError(f"aggregate: unknown rule '{how}' (use mean, min or last)")
-
-
-# -----------------------------------------------------------------------------
-# Best-of-N: one interface for sample.py and scripts
+    """A response's score from its steps': "mean" (VisualPRM), "min", "last" (an outcome reward)."""
+    rules = {"mean": lambda s: sum(s) / len(s), "min": min, "last": lambda s: s[-1]}
+    if how not in rules:
+        raise ValueError(f"aggregate: unknown rule '{how}' (use mean, min or last)")
+    return rules[how](step_scores)
 
 
 def best_of_n(scores: list[float]) -> int:
@@ -204,27 +170,21 @@ def best_of_n(scores: list[float]) -> int:
 
 @dataclass
 class Critic:
-    """How Best-of-N ranks candidates. kind: "majority" (no model), "prm" (mean step score), "outcome" (last step),
-    "vote" (majority weighted by the mean step score)."""
+    """How Best-of-N ranks candidates. kind: "majority" (self-consistency, no model), "prm" (mean
+    step score, VisualPRM), "outcome" (the last step's score), "vote" (PRM-weighted majority)."""
     kind: str = "majority"
     model: InternVL | None = None
     tok: Tokenizer | None = None
     max_steps: int | None = None
 
 
-AGGREGATE = {"prm": "mean", "outcome": "last", "vote": "mean"}
-
-
 def load_critic(spec: str, dtype=None, device=None) -> Critic:
-    """'majority' | 'PRM_DIR' | 'outcome:PRM_DIR' | 'vote:PRM_DIR' (a checkpoint directory with its own
-    tokenizer.json)."""
+    """'majority' | 'PRM_DIR' | 'outcome:PRM_DIR' | 'vote:PRM_DIR' (checkpoint + tokenizer.json)."""
     if spec == "majority":
         return Critic()
-    kind, path = "prm", spec
-    for prefix in ("outcome", "vote"):
-        if spec.startswith(prefix + ":"):
-            kind, path = prefix, spec[len(prefix) + 1:]
-    model = InternVL.from_pretrained(path, dtype=dtype, device=device)  # UserError for a bad directory
+    prefix, colon, rest = spec.partition(":")
+    kind, path = (prefix, rest) if colon and prefix in ("outcome", "vote") else ("prm", spec)
+    model = InternVL.from_pretrained(path, dtype=dtype, device=device)  # UserError for a bad dir
     tok = Tokenizer.from_dir(path)
     plus_minus_ids(tok)  # fail now, not after sampling, if "+" / "-" are not single tokens
     return Critic(kind, model, tok)
@@ -232,11 +192,13 @@ def load_critic(spec: str, dtype=None, device=None) -> Critic:
 
 def score_responses(critic: Critic, question: str, responses: list[str], pixel_values=None,
                     num_tiles: list[int] = ()) -> list[float]:
-    """One score per response, higher = better; pick with best_of_n. pixel_values: tiles for the critic's model."""
+    """One score per response, higher = better (pick with best_of_n); pixel_values: the critic's."""
     if critic.kind == "majority":
         return majority_vote(responses)
     if critic.kind not in AGGREGATE:
-        raise ValueError(f"score_responses: unknown critic '{critic.kind}' (use majority, prm, outcome or vote)")
-    steps = prm_step_scores(critic.model, critic.tok, question, responses, pixel_values, num_tiles, critic.max_steps)
+        raise ValueError(f"score_responses: unknown critic '{critic.kind}' "
+                         "(use majority, prm, outcome or vote)")
+    steps = prm_step_scores(critic.model, critic.tok, question, responses, pixel_values, num_tiles,
+                            critic.max_steps)
     scores = [aggregate(s, AGGREGATE[critic.kind]) for s in steps]
     return majority_vote(responses, scores) if critic.kind == "vote" else scores

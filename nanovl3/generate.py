@@ -3,32 +3,30 @@ Generation: prefill once into a preallocated KV cache, then decode one token at 
 
     generate(model, prompts, pixel_values, ...) -> list of new-token lists, one per row
 
-- a batch of prompts of different lengths is left-padded; padding is its own "document" (id -1) that real
-  tokens never attend to, and positions count only real tokens (as transformers does with an attention mask).
+- prompts of different lengths are left-padded; padding is its own "document" (id -1) that real
+  tokens never attend to, and positions count real tokens only (as transformers does).
 - num_samples > 1 (Best-of-N): the prompt is prefilled ONCE and its cache rows copied N times.
-- sampling: greedy (temperature 0), temperature, top-k, top-p; each row r has its own generator seeded with
+- sampling: greedy (temperature 0), temperature, top-k, top-p; row r has its own generator seeded
   seed + r, so a row samples the same tokens alone or in a batch.
-- eager decode attends over the written slots only (Mask.kv_len), with no mask unless the batch is padded; on CPU
-  it is also the fast path (text.Linear: pre-packed bf16 weights, matrix-vector products spread over the cores).
-  compile=True keeps fixed shapes instead (one token, the whole cache, a causal mask), so torch.compile captures
-  the step once per cache size, rounded up to 256 slots (on CUDA with mode="reduce-overhead": CUDA graphs; on CPU
-  with Inductor's freezing, text.Linear's split products inside the graph).
-- the loop has no host sync per step except what the caller asks for: stop tokens (checked every step, every
-  8 steps on CUDA unless streaming) and streaming.
-Shapes: B prompts, R = B * num_samples rows, L padded prompt length, S = L + max_new_tokens cache slots, V vocab.
-"""
+- the model is opted into nanovl3.fast's CPU paths; eager decode reads only the written slots
+  (Mask.kv_len), masked only if padded. compile=True keeps fixed shapes (one token, the whole cache,
+  a causal mask), compiled once per cache size rounded up to 256 slots (CUDA graphs; CPU: freezing).
+- the only host syncs: streaming and stop checks (every step; every 8 on CUDA unless streaming).
+Shapes: B prompts, R = B*num_samples rows, L padded prompt length, S = L+max_new_tokens, V vocab"""
 
 from typing import Callable
 
 import torch
 
-from nanovl3.attention import Mask
+from nanovl3.attention import Mask, causal_mask
 from nanovl3.common import UserError
+from nanovl3.fast import speed_up
 from nanovl3.model import v2pe_position_ids
 from nanovl3.text import KVCache
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generators) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generators) -> torch.Tensor:
     """logits fp32 [R,V] -> next token ids [R]."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -39,15 +37,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already cover top_p of the mass (the first always stays)
+        # drop a token when those ranked above it already cover top_p of the mass (the first stays)
         drop = probs.cumsum(-1) - probs > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
+    return torch.cat([torch.multinomial(probs[r], 1, generator=g)
+                      for r, g in enumerate(generators)])
 
 
 def left_pad(prompts: list[list[int]], device, v2pe_delta: float = 1.0, image_token_id: int = -1):
-    """-> ids [B,L], positions [B,L] (real tokens 0..n-1, padding 1), doc [B,L] (0 real, -1 padding).
+    """-> ids [B,L], positions [B,L] (real 0..n-1, padding 1), doc [B,L] (0 real, -1 padding).
     v2pe_delta < 1: V2PE positions, each visual token advancing by δ (float)."""
     L = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), L, dtype=torch.long)
@@ -60,41 +59,41 @@ def left_pad(prompts: list[list[int]], device, v2pe_delta: float = 1.0, image_to
     if v2pe_delta != 1.0:
         positions = positions.float()
         for i, p in enumerate(prompts):
-            positions[i, L - len(p):] = v2pe_position_ids(ids[i, L - len(p):], image_token_id, v2pe_delta)
+            positions[i, L - len(p):] = v2pe_position_ids(ids[i, L - len(p):], image_token_id,
+                                                          v2pe_delta)
     return ids.to(device), positions.to(device), doc.to(device)
 
 
 @torch.inference_mode()
-def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None = None, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=(),
-             num_samples: int = 1, stream: Callable[[list[int]], None] | None = None, compile: bool = False,
+def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None = None,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, stop_ids=(), num_samples: int = 1,
+             stream: Callable[[list[int]], None] | None = None, compile: bool = False,
              v2pe_delta: float = 1.0) -> list[list[int]]:
-    """Sample up to max_new_tokens after each prompt; returns the new tokens of each row, cut before a stop token.
-
-    pixel_values [N,3,S,S] holds the tiles of every image of every prompt, in prompt order.
-    Rows are ordered prompt-major: row r = prompt r // num_samples, sample r % num_samples.
-    stream(tokens) is called after every step with the token just sampled for each row.
-    v2pe_delta: the fixed V2PE δ of every image at inference (1 = plain positions, as the released checkpoints use).
-    """
+    """Sample up to max_new_tokens after each prompt -> each row's new tokens, cut before a stop.
+    pixel_values [N,3,S,S]: the tiles of every image of every prompt, in prompt order. Rows are
+    prompt-major: row r = prompt r // num_samples, sample r % num_samples. stream(tokens) is called
+    after every step with each row's token just sampled. v2pe_delta: the fixed V2PE δ of every
+    image (1 = plain positions, as the released checkpoints use)."""
+    speed_up(model)
     device = next(model.parameters()).device
     ids, positions, doc = left_pad(prompts, device, v2pe_delta, model.cfg.image_token_id)
     B, L = ids.shape
     S = L + max_new_tokens
-    limit = model.cfg.text.max_position_embeddings
-    if S > limit:
-        raise UserError(f"prompt too long: {L} prompt tokens + {max_new_tokens} new tokens = {S} > the model's "
-                        f"context of {limit} tokens (shorten the prompt, use fewer tiles, or lower --max-new-tokens)")
-
+    if S > (limit := model.cfg.text.max_position_embeddings):
+        raise UserError(f"prompt too long: {L} prompt tokens + {max_new_tokens} new tokens = {S} > "
+                        f"the model's context of {limit} tokens (shorten the prompt, use fewer "
+                        "tiles, or lower --max-new-tokens)")
     # ---- prefill: the whole prompt in one forward, keys/values written to slots 0..L-1
     x = model.embed(ids, pixel_values)  # [B, L, C]
-    # a compiled step is specialised to the cache size: round it up so that prompts of similar lengths share one
+    # a compiled step is specialised to the cache size: rounded up, similar prompt lengths share one
     cache = KVCache(model.cfg.text, B, -(-S // 256) * 256 if compile else S, device, x.dtype)
     cache.doc[:, :L] = doc
     padded = bool((doc < 0).any())
-    mask = Mask(torch.arange(L, device=device).expand(B, L), doc if padded else None, doc if padded else None)
-    h = model.language_model(x, positions, mask, cache, torch.arange(L, device=device), prefill=True)
+    mask = causal_mask(B, L, device, doc if padded else None)
+    h = model.language_model(x, positions, mask, cache, torch.arange(L, device=device),
+                             prefill=True)
     logits = model.language_model.lm_head(h[:, -1]).float()  # [B, V]
-
     # ---- Best-of-N: copy each prompt's cache row num_samples times instead of prefilling it again
     if num_samples > 1:
         cache.repeat_rows(num_samples)
@@ -105,20 +104,17 @@ def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None 
     step = model.step
     if compile and device.type == "cuda":
         step = torch.compile(model.step, mode="reduce-overhead")  # CUDA graphs: one launch per step
-        for t in cache.k + cache.v + [cache.doc]:  # graphs replay fixed addresses: the cache is updated in place
+        for t in cache.k + cache.v + [cache.doc]:  # graphs replay fixed addresses: update in place
             torch._dynamo.mark_static_address(t)
     elif compile:
-        # the compiled step keeps text.Linear's split matrix-vector products (one block of rows per core), which
-        # Inductor then runs without the eager step's per-op Python: 2.29x the eager step on bench.py's small shape
-        # (bench/results.md; without the split it ran each product on one core and was slower than eager).
-        # freezing lets Inductor fold the weights' views; weights changed later are still read (tested).
+        # keeps fast.py's split matrix-vector products (a block of rows per core) without the eager
+        # step's per-op Python. Freezing folds the weights' views; weights changed later still count
         step = torch.compile(model.step, options={"freezing": True})
-
-    # ---- decode. Per-step tensors are updated in place: nothing is allocated for the mask, slot or positions.
+    # ---- decode. Per-step tensors are updated in place: no allocation for mask, slot or positions.
     pos = positions[:, -1:].to(torch.float32, copy=True)  # [R, 1] last real position of each row
     slot = torch.tensor([L - 1], device=device)  # [1] the cache slot this step writes
     q_slot = torch.full((R, 1), L - 1, device=device)  # [R, 1] the same slot, per row (masks)
-    doc_q = torch.zeros(R, 1, dtype=torch.long, device=device) if padded else None  # padding needs doc masks
+    doc_q = torch.zeros(R, 1, dtype=torch.long, device=device) if padded else None  # doc masks
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     check_every = 8 if device.type == "cuda" and stream is None else 1  # each check is a host sync
     out, done = [], torch.zeros(R, dtype=torch.bool, device=device)
@@ -139,9 +135,11 @@ def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None 
         if padded:
             cache.doc[:, L + t] = 0
         x = model.language_model.model.embed_tokens(nxt[:, None])  # [R, 1, C]
-        # eager: read slots 0..L+t only; compiled: the whole buffer, future slots masked by causality
-        mask = Mask(q_slot, doc_q, cache.doc if padded else None, kv_len=None if compile else L + t + 1)
+        # eager: read slots 0..L+t only; compiled: the whole buffer, future slots masked (causal)
+        mask = Mask(q_slot, doc_q, cache.doc if padded else None,
+                    kv_len=None if compile else L + t + 1)
         logits = step(x, pos, mask, cache, slot)
     tokens = torch.stack(out, dim=1).tolist()  # [R, t]
     stop_set = set(stop_ids)
-    return [row[:next((i for i, tok in enumerate(row) if tok in stop_set), len(row))] for row in tokens]
+    return [row[:next((i for i, tok in enumerate(row) if tok in stop_set), len(row))]
+            for row in tokens]

@@ -1,35 +1,61 @@
-"""
-The pieces every training script shares (train.py for pre-training and SFT, mpo.py for preference training):
-torchrun/DDP setup, parameter groups (freeze, per-group learning rates), warmup + cosine schedule, atomic resumable
-checkpoints, the dense log line + JSONL metrics, MFU, and held-out evaluation.
-
-Nothing here owns a training loop: each script reads top to bottom as args -> init -> data -> model -> loop.
-"""
+"""What the training scripts (train.py: pre-training, SFT; mpo.py: preference training) share:
+common flags, torchrun/DDP setup and teardown, parameter groups (freeze, per-group lr), the warmup +
+cosine schedule, the optimizer step, the dense log line + JSONL metrics, MFU, and their eval.json.
+Nothing here owns a training loop: each script reads top to bottom as args -> init -> data -> model
+-> loop. Checkpoints: checkpoint.py; held-out evaluation: evaluate.py."""
 
 import json
 import math
 import os
-import random
+import sys
 import time
-from collections import Counter
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanovl3.common import UserError, atomic_path, print0
-from nanovl3.losses import lm_loss
+from nanovl3.common import UserError, pick_device, pick_dtype, print0, write_json
+from nanovl3.data import DataConfig
+
+# -----------------------------------------------------------------------------
+# the flags every training script takes
+
+def add_common_args(parser, out_dir: str, lr: float, log_interval: int, eval_per_type: int):
+    """Add the shared flags to `parser`, with this script's defaults for the few that differ."""
+    add = parser.add_argument
+    add("--out-dir", default=out_dir, help="checkpoint, metrics.jsonl and eval.json go here")
+    add("--resume", action="store_true", help="continue from <out-dir>/ckpt exactly")
+    add("--seed", type=int, default=0, help="seed of init, data order and augmentation")
+    add("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    add("--dtype", default=None,
+        help="autocast dtype on CUDA (default bfloat16); CPU trains in fp32")
+    add("--compile", action="store_true",
+        help="torch.compile the model (on CUDA it recompiles for new tile counts: see README)")
+    add("--freeze", default="", help="comma list of parts to freeze: vit,mlp,llm")
+    add("--max-seq-len", type=int, default=2048, help="longest sample, in tokens")
+    add("--max-tiles", type=int, default=-1, help="tiles per image (-1 = config max_dynamic_patch)")
+    add("--skip-bad-samples", action="store_true", help="count and skip bad data lines, don't stop")
+    add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (per rank)")
+    add("--lr", type=float, default=lr, help="peak learning rate")
+    add("--weight-decay", type=float, default=0.05)
+    add("--warmup-ratio", type=float, default=0.03,
+        help="share of a stage's steps for linear warmup")
+    add("--clip", type=float, default=1.0, help="gradient norm clip (-1 = off)")
+    add("--log-interval", type=int, default=log_interval, help="steps between log lines")
+    add("--ckpt-interval", type=int, default=100, help="steps between checkpoints")
+    add("--eval-per-type", type=int, default=eval_per_type,
+        help="held-out questions per type (-1 = all, 0 = no eval)")
+    add("--max-steps", type=int, default=-1,
+        help="stop after this many steps in total (tests, or to resume)")
+
 
 # -----------------------------------------------------------------------------
 # distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 
-
 def dist_init(device_name: str | None = None):
     """-> (ddp, rank, world_size, device). gloo on CPU, nccl on CUDA; a plain run is rank 0 of 1."""
-    from nanovl3.common import pick_device
     if "RANK" not in os.environ:
         return False, 0, 1, pick_device(device_name)
-    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local)
@@ -54,12 +80,10 @@ GROUPS = {"vit": "vision_model.", "mlp": "mlp1.", "llm": "language_model."}
 
 def param_groups(model, freeze: set[str], lrs: dict[str, float], weight_decay: float) -> list[dict]:
     """AdamW groups per module (vit / mlp / llm), each with its own lr; decay only on matrices.
-
-    Frozen groups get requires_grad=False and no optimizer state.
-    """
-    bad = set(freeze) - set(GROUPS)
-    if bad:
-        raise UserError(f"--freeze: unknown part(s) {sorted(bad)} (use a comma list of {', '.join(GROUPS)})")
+    Frozen groups get requires_grad=False and no optimizer state."""
+    if bad := set(freeze) - set(GROUPS):
+        raise UserError(f"--freeze: unknown part(s) {sorted(bad)} (use a comma list of "
+                        f"{', '.join(GROUPS)})")
     groups, seen = [], set()
     for name, prefix in GROUPS.items():
         decay, no_decay = [], []
@@ -72,8 +96,8 @@ def param_groups(model, freeze: set[str], lrs: dict[str, float], weight_decay: f
                 (decay if p.dim() >= 2 else no_decay).append(p)
         for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
             if params:
-                groups.append({"params": params, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": wd,
-                               "name": name})
+                groups.append({"params": params, "lr": lrs[name], "base_lr": lrs[name],
+                               "weight_decay": wd, "name": name})
     if not groups:
         raise UserError("--freeze: every part is frozen; nothing to train")
     return groups
@@ -96,84 +120,21 @@ def set_lr(optimizer, factor: float):
         g["lr"] = g["base_lr"] * factor
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: a directory sample.py loads directly + the training state
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str, model, tokenizer, train_state: dict):
-    """Write `path/` atomically: config.json + model.safetensors (original layout) + tokenizer.json + train_state.pt.
-
-    Written into a temporary directory and renamed into place, so a crash or Ctrl-C mid-write leaves the previous
-    checkpoint intact and loadable.
-    """
-    with atomic_path(path) as tmp:
-        model.save_pretrained(tmp, layout="original", tokenizer=tokenizer)
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-
-
 def data_config(cfg, max_tiles: int, max_seq_len: int):
-    """The DataConfig a model config implies (tile size, tokens per tile, thumbnail); max_tiles -1 = the config's."""
-    from nanovl3.data import DataConfig
+    """The DataConfig of `cfg` (tile size, tokens per tile, thumbnail); max_tiles -1: cfg's."""
     return DataConfig(tokens_per_tile=cfg.num_image_token, image_size=cfg.vision.image_size,
                       max_dynamic_patch=cfg.max_dynamic_patch if max_tiles < 0 else max_tiles,
                       use_thumbnail=cfg.use_thumbnail, max_seq_len=max_seq_len)
 
 
-def save_run(path: str, model, tokenizer, stream, train_state: dict, rank: int, world: int):
-    """save_checkpoint from rank 0 with every rank's data cursor and RNG state (each rank draws its own data).
-    Every rank must call it (it gathers)."""
-    data, rngs = [stream.state_dict()], [rng_state()]
-    if world > 1:
-        data, rngs = [None] * world, [None] * world
-        dist.all_gather_object(data, stream.state_dict())
-        dist.all_gather_object(rngs, rng_state())
-    if rank == 0:
-        save_checkpoint(path, model, tokenizer, {**train_state, "data": data, "rng": rngs, "world_size": world})
-    if world > 1:
-        dist.barrier()
-
-
-def restore_run(state: dict, optimizer, stream, rank: int, world: int):
-    """The other half of save_run: optimizer, this rank's data cursor and RNG state."""
-    if state["world_size"] != world:
-        raise UserError(f"--resume: the checkpoint was written by {state['world_size']} processes, this run has "
-                        f"{world}; resume with the same number")
-    optimizer.load_state_dict(state["optimizer"])
-    stream.load_state_dict(state["data"][rank])
-    set_rng_state(state["rng"][rank])
-
-
-def load_train_state(path: str) -> dict:
-    f = os.path.join(path, "train_state.pt")
-    if not os.path.isfile(f):
-        raise UserError(f"--resume: {path} has no train_state.pt (not a training checkpoint)")
-    return torch.load(f, map_location="cpu", weights_only=False)
-
-
 # -----------------------------------------------------------------------------
 # logging
 
-
 def flops_per_token(cfg) -> float:
-    """Training FLOPs per LLM token, 6 * LLM parameters + attention (nanoGPT's estimate); the ViT is counted per tile."""
+    """Training FLOPs per LLM token, 6 * LLM parameters + attention (nanoGPT's); ViT: per tile."""
     t = cfg.text
-    per_layer = 2 * t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim \
-        + 3 * t.hidden_size * t.intermediate_size
+    per_layer = 2 * t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) \
+        * t.head_dim + 3 * t.hidden_size * t.intermediate_size
     return 6 * (t.num_hidden_layers * per_layer + t.hidden_size * t.vocab_size)
 
 
@@ -185,20 +146,17 @@ def flops_per_tile(cfg) -> float:
 
 
 def measure_peak_flops(device, dtype=torch.float32, n=1024, reps=10, trials=5) -> float:
-    """Matmul FLOP/s of this machine, measured (for an honest MFU): the best of a few trials, since a shared host
-    that is busy for a moment would otherwise understate the peak and overstate MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    """Matmul FLOP/s of this machine, measured (for an honest MFU): the best of a few trials, as a
+    briefly busy shared host would understate the peak and overstate MFU."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
-    best = 0.0
+    best, sync = 0.0, torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(trials):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t = time.time()
         for _ in range(reps):
             a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         best = max(best, 2 * n ** 3 * reps / (time.time() - t))
     return best
 
@@ -207,8 +165,7 @@ class Logger:
     """One dense line per interval on rank 0, and every record appended to metrics.jsonl."""
 
     def __init__(self, out_dir: str, rank: int):
-        self.rank = rank
-        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.rank, self.path = rank, os.path.join(out_dir, "metrics.jsonl")
         if rank == 0:
             os.makedirs(out_dir, exist_ok=True)
 
@@ -222,91 +179,53 @@ class Logger:
 
 
 # -----------------------------------------------------------------------------
-# evaluation on held-out questions with exact answers
+# the script skeleton
 
+class Session:
+    """One training process: torchrun/DDP state, the model as trained (compiled, DDP-wrapped if
+    asked), autocast, the logger. The loop calls `model`; `raw`: the InternVL (saved, evaluated)."""
 
-def load_eval_items(path: str) -> list[dict]:
-    """eval.jsonl lines {image (path | list | absent), question, answer, type, cot}; image paths relative to the file."""
-    from nanovl3.data import read_jsonl
-    root = os.path.dirname(os.path.abspath(path))
-    items = []
-    for lineno, d in read_jsonl(path):
-        missing = [k for k in ("question", "answer", "type") if k not in d]
-        if missing:
-            raise UserError(f"{path}:{lineno}: eval line is missing {', '.join(missing)}")
-        images = d.get("image") or []
-        images = [images] if isinstance(images, str) else images
-        items.append({**d, "image": [os.path.join(root, p) for p in images]})
-    if not items:
-        raise UserError(f"{path}: no evaluation questions")
-    return items
+    def __init__(self, args):
+        self.args, self.t_start = args, time.time()
+        self.ddp, self.rank, self.world, self.device = dist_init(args.device)
+        self.logger = Logger(args.out_dir, self.rank)
+        self.raw = self.model = None
 
+    def wrap(self, raw):
+        self.raw = self.model = raw
+        if self.args.compile:
+            self.model = torch.compile(self.model)
+        if self.ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
-@torch.no_grad()
-def text_perplexity(model, tok, path: str, limit: int = 200) -> float:
-    """exp(mean next-token CE) on held-out pure text: jsonl lines {"text": ...}, the first `limit` of them."""
-    from nanovl3.data import read_jsonl
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    losses, n = 0.0, 0
-    for lineno, d in read_jsonl(path)[:limit]:
-        if not isinstance(d.get("text"), str):
-            raise UserError(f"{path}:{lineno}: a text line needs a 'text' string")
-        ids = torch.tensor([tok.encode(d["text"]) + [tok.endoftext_id]], device=device)  # [1, T]
-        losses += lm_loss(model(ids), ids).item() * (ids.size(1) - 1)
-        n += ids.size(1) - 1
-    model.train(was_training)
-    return math.exp(losses / max(n, 1))
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=pick_dtype(self.args.dtype, self.device))
+        return torch.autocast("cpu", enabled=False)
 
+    def no_sync(self, last_micro: bool):
+        """DDP's gradient all-reduce only after the last micro-batch of a step."""
+        return self.model.no_sync() if self.ddp and not last_micro else torch.enable_grad()
 
-@torch.no_grad()
-def evaluate(model, tok, items: list[dict], batch_size: int = 16, max_per_type: int = -1,
-             short_tokens: int = 8, cot_tokens: int = 96, v2pe_delta: float = 1.0) -> dict:
-    """Greedy answers to held-out questions -> {type: {"accuracy", "n", "correct"}} (+ "examples").
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce_mean(x) if self.ddp else x
 
-    Questions are batched (left padding); chain-of-thought questions get a longer budget and are scored on their
-    final 'The answer is X.' line.
-    """
-    from nanovl3.chat import render_prompt
-    from nanovl3.critic import is_correct
-    from nanovl3.generate import generate
-    from nanovl3.image import load_images
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    if max_per_type > 0:  # the first max_per_type questions of each type
-        seen = Counter()
-        kept = []
-        for it in items:
-            seen[it["type"]] += 1
-            if seen[it["type"]] <= max_per_type:
-                kept.append(it)
-        items = kept
-    was_training = model.training
-    model.eval()
-    results, examples = {}, []
-    for cot in (False, True):
-        group = [it for it in items if bool(it.get("cot")) == cot]
-        for i in range(0, len(group), batch_size):
-            batch = group[i:i + batch_size]
-            prompts, tiles = [], []
-            for it in batch:
-                t, num_tiles = load_images(it["image"], cfg, split=True)  # the budget as trained
-                tiles += t
-                prompts.append(tok.encode(render_prompt(it["question"], num_tiles, cfg.num_image_token)))
-            pix = torch.cat(tiles).to(device=device, dtype=dtype) if tiles else None
-            outs = generate(model, prompts, pix, max_new_tokens=cot_tokens if cot else short_tokens,
-                            stop_ids=tok.stop_ids, v2pe_delta=v2pe_delta)
-            for it, out in zip(batch, outs):
-                text = tok.decode(out)
-                ok = is_correct(text, it["answer"])  # the project's one grading rule (critic.py)
-                r = results.setdefault(it["type"], {"n": 0, "correct": 0})
-                r["n"] += 1
-                r["correct"] += int(ok)
-                if len(examples) < 4 or (cot and len(examples) < 6):
-                    examples.append({"question": it["question"], "answer": it["answer"], "response": text})
-    for r in results.values():
-        r["accuracy"] = r["correct"] / r["n"]
-    model.train(was_training)
-    return {"types": results, "examples": examples}
+    def optimizer_step(self, optimizer, params):
+        if self.args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def write_eval(self, res: dict) -> dict:
+        """<out-dir>/eval.json (atomic), with the wall time and the command."""
+        res["wall_seconds"], res["command"] = time.time() - self.t_start, " ".join(sys.argv)
+        write_json(os.path.join(self.args.out_dir, "eval.json"), res)
+        return res
+
+    def close(self):
+        # free the DDP wrapper first: its reducer holds the process group, and a gloo group freed by
+        # it (later, GIL held) can deadlock or abort at exit (pytorch/pytorch#56297)
+        self.model = None
+        if self.ddp:
+            dist.destroy_process_group()

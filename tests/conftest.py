@@ -1,18 +1,10 @@
-import os
-import sys
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# tests import their helpers (hf_reference.py) and the data scripts (toyworld.py, reasoning.py) as top-level modules
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(ROOT, "data"))
 
 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
-    """A small toy world (the "small" size with 3 held-out questions per type), made once per test session."""
-    import toyworld
+    """A small toy world (size "small", 3 held-out questions per type), made once per session."""
+    from data import toyworld
     d = tmp_path_factory.mktemp("small_world") / "toy"
     toyworld.generate(str(d), seed=0, **{**toyworld.SIZES["small"], "n_eval": 3})
     return d

@@ -1,5 +1,6 @@
-"""data/ablations.py at a tiny size: every ablation runs its real arms (train.py, reasoning.py) for a few steps and
-writes the table and the plots, so the code cannot rot. The numbers themselves mean nothing at this size."""
+"""experiments/ablations.py at a tiny size: every ablation runs its real arms (train.py,
+experiments/reasoning.py) for a few steps and writes the table and the plots, so the code cannot
+rot. The numbers themselves mean nothing at this size."""
 
 import argparse
 import json
@@ -12,29 +13,26 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
+from experiments import ablations as A
 from nanovl3.common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _ablations():
-    sys.path.insert(0, os.path.join(ROOT, "data"))
-    import ablations
-    return ablations
+ABLATIONS = [sys.executable, "-m", "experiments.ablations"]   # run from ROOT
 
 
 def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
     """With --jobs 2: the ablations and seeds run side by side, sharing pt_native and sft_native."""
     out = tmp_path / "abl"
-    cmd = [sys.executable, os.path.join(ROOT, "data", "ablations.py"), "--size", "smoke", "--data-dir",
-           str(small_world), "--out", str(out), "--publish", str(tmp_path / "pub")]
-    r = subprocess.run(cmd + ["--jobs", "2"], capture_output=True, text=True,
+    cmd = ABLATIONS + ["--size", "smoke", "--data-dir", str(small_world), "--out", str(out),
+                       "--publish", str(tmp_path / "pub")]
+    r = subprocess.run(cmd + ["--jobs", "2"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "pub" / "results.json").read_text())
     assert list(res["ablations"]) == ["native", "v2pe", "loss", "jpeg", "mpo"]
     assert res["seeds"] == [0, 1] and "CPU cores" in res["machine"]
-    # every arm counted once: at least the arms of any one ablation, at most those of all of them (shared arms)
+    # every arm counted once: at least the arms of any one ablation, at most those of all of them
+    # (shared arms)
     train = [ab["train_seconds"] for ab in res["ablations"].values()]
     assert max(train) <= res["arms_seconds"] <= sum(train)
     for name, ab in res["ablations"].items():
@@ -51,15 +49,18 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
     table = (tmp_path / "pub" / "results.md").read_text()
     for name in res["ablations"]:   # every ablation has a row with a computed verdict
         rows = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
-        assert rows and all(line.rstrip(" |").endswith(("yes", "no", "within noise")) for line in rows)
+        assert rows and all(line.rstrip(" |").endswith(("yes", "no", "within noise"))
+                            for line in rows)
     assert {"PRM mean − majority, N=8", "PRM-weighted vote − majority, N=8"} <= \
         {line.split(" | ")[2] for line in table.splitlines() if line.startswith("| mpo |")}
     # every arm was trained once, shared ones included (each prints its command when it starts)
-    started = [line.split("]")[0] for line in r.stdout.splitlines() if "] " in line and ".py --" in line]
+    started = [line.split("]")[0] for line in r.stdout.splitlines()
+               if "] " in line and " --" in line]
     twice = sorted({a for a in started if started.count(a) > 1})
-    assert len(started) == len(set(started)) == 2 * 14, (twice, r.stdout)   # 13 train.py arms + reasoning, per seed
+    # 13 train.py arms + reasoning, per seed
+    assert len(started) == len(set(started)) == 2 * 14, (twice, r.stdout)
     # the arms are cached: a second run, one at a time, trains nothing and gives the same table
-    r2 = subprocess.run(cmd[:-2] + ["--only", "loss"], capture_output=True, text=True)
+    r2 = subprocess.run(cmd[:-2] + ["--only", "loss"], capture_output=True, text=True, cwd=ROOT)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "] train.py" not in r2.stdout
     again = json.loads((out / "results.json").read_text())["ablations"]["loss"]["arms"]
@@ -67,13 +68,14 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
 
 
 def test_runner_trains_a_shared_arm_once_and_stops_at_the_first_failure(tmp_path):
-    """Arms asked for by several threads at once run once; a failed arm stops the one running beside it, and no arm
-    starts after it. (The arms here are tiny python commands instead of train.py.)"""
-    A = _ablations()
-    R = A.Runner(argparse.Namespace(out=str(tmp_path), jobs=2, redo=False), A.SIZES["smoke"], tmp_path)
+    """Arms asked for by several threads at once run once; a failed arm stops the one running beside
+    it, and no arm starts after it. (The arms here are tiny python commands instead of train.py.)"""
+    R = A.Runner(argparse.Namespace(out=str(tmp_path), jobs=2, redo=False), A.SIZES["smoke"],
+                 tmp_path)
     count = tmp_path / "count.txt"
     with ThreadPoolExecutor(3) as pool:
-        dirs = list(pool.map(lambda _: R.run("shared", 0, ["-c", f"open({str(count)!r}, 'a').write('x')"]), range(3)))
+        touch = ["-c", f"open({str(count)!r}, 'a').write('x')"]
+        dirs = list(pool.map(lambda _: R.run("shared", 0, touch), range(3)))
     assert count.read_text() == "x" and len(set(dirs)) == 1 and (dirs[0] / "DONE").is_file()
     t = time.time()
     with ThreadPoolExecutor(2) as pool:
@@ -81,44 +83,49 @@ def test_runner_trains_a_shared_arm_once_and_stops_at_the_first_failure(tmp_path
         while not R.procs:
             time.sleep(0.05)
         bad = pool.submit(R.run, "bad", 0, ["-c", "import sys; print('boom'); sys.exit(3)"])
-        for job in (bad, slow):   # the slow arm reports the failure that stopped it, not its own exit
+        # the slow arm reports the failure that stopped it, not its own exit
+        for job in (bad, slow):
             with pytest.raises(UserError, match=r"(?s)arm bad seed 0 failed \(exit 3\).*boom"):
                 job.result()
     assert time.time() - t < 30
     with pytest.raises(UserError, match="arm bad seed 0"):
         R.run("later", 0, ["-c", "pass"])
-    assert not (tmp_path / "arms" / "later").exists() and not (tmp_path / "arms" / "slow" / "s0" / "DONE").exists()
+    assert not (tmp_path / "arms" / "later").exists()
+    assert not (tmp_path / "arms" / "slow" / "s0" / "DONE").exists()
 
 
 def test_a_failed_arm_is_a_clear_error(small_world, tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "ablations.py"), "--size", "smoke", "--data-dir",
-                        str(small_world), "--out", str(tmp_path), "--only", "loss", "--jobs", "2",
-                        "--preset", "no-such-preset"], capture_output=True, text=True)
+    r = subprocess.run(ABLATIONS + ["--size", "smoke", "--data-dir", str(small_world), "--out",
+                                    str(tmp_path), "--only", "loss", "--jobs", "2", "--preset",
+                                    "no-such-preset"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "arm pt_native seed" in r.stderr and "log.txt" in r.stderr and "no-such-preset" in r.stderr
+    assert all(s in r.stderr for s in ("arm pt_native seed", "log.txt", "no-such-preset"))
     assert not (tmp_path / "results.json").exists()
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
-    for flags, needle in ((["--only", "nope"], "--only"), (["--seeds", "a,b"], "--seeds"), (["--jobs", "0"], "--jobs"),
-                         (["--set", "odd_sft=many"], "--set"), (["--set", "seeds=3"], "--set")):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "ablations.py"), "--out", str(tmp_path), *flags],
-                           capture_output=True, text=True)
+    for flags, needle in ((["--only", "nope"], "--only"), (["--seeds", "a,b"], "--seeds"),
+                          (["--jobs", "0"], "--jobs"), (["--set", "odd_sft=many"], "--set"),
+                          (["--set", "seeds=3"], "--set")):
+        r = subprocess.run(ABLATIONS + ["--out", str(tmp_path), *flags], capture_output=True,
+                           text=True, cwd=ROOT)
         assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
 
 
 def test_verdict_pairs_the_seeds():
-    """A difference is judged seed by seed: one that every seed shows counts even when the seeds' levels differ
-    (unpaired, the arms' spreads would hide it); one below the 2-point floor never counts."""
-    A = _ablations()
+    """A difference is judged seed by seed: one that every seed shows counts even when the seeds'
+    levels differ (unpaired, the arms' spreads would hide it); one below the 2-point floor never
+    counts."""
 
     def cell(*seeds):
         return A.summarise({"m": list(seeds)})["m"]
-    easy_hard = cell(0.80, 0.60), cell(0.70, 0.50)        # +10 points on both seeds; each arm's spread is 10
+    # +10 points on both seeds; each arm's spread is 10
+    easy_hard = cell(0.80, 0.60), cell(0.70, 0.50)
     assert A.paired(*easy_hard) == pytest.approx((0.1, 0.0))
     assert A.verdict(*easy_hard, "higher") == "yes"
     assert A.verdict(easy_hard[1], easy_hard[0], "higher") == "no"
     assert A.verdict(cell(0.80, 0.50), cell(0.70, 0.60), "higher") == "within noise"   # +10 and -10
-    assert A.verdict(cell(0.51, 0.61), cell(0.50, 0.60), "higher") == "within noise"   # +1 on both: below the floor
+    # +1 on both: below the floor
+    assert A.verdict(cell(0.51, 0.61), cell(0.50, 0.60), "higher") == "within noise"
     assert A.verdict(cell(0.49, 0.59), cell(0.50, 0.60), "comparable") == "yes"
     assert A.verdict(cell(0.40, 0.50), cell(0.50, 0.60), "comparable") == "no"

@@ -1,5 +1,5 @@
 """
-The flex_attention path and the eager (SDPA) path give the same numbers, for every mask the model uses.
+The flex_attention and the eager (SDPA) paths give the same numbers for every mask the model uses.
 
     python -m pytest -q tests/test_attention.py
 
@@ -24,7 +24,7 @@ def qkv(B=2, H=4, KV=2, T=40, S=None, D=16, seed=0):
 
 
 def reference_attention(q, k, v, allowed):
-    """Plain math: softmax over allowed keys, GQA by repeating k/v heads. allowed bool [B,1,Tq,S] or None."""
+    """Plain math: softmax over allowed keys (bool [B,1,Tq,S] or None), GQA by repeating k/v."""
     rep = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     s = q @ k.transpose(-1, -2) / q.size(-1) ** 0.5
@@ -34,8 +34,9 @@ def reference_attention(q, k, v, allowed):
 
 
 def masks(B, T, device="cpu"):
-    docs = torch.tensor([[0] * 10 + [1] * 25 + [-1] * 5, [0] * 40], device=device)[:B, :T]  # packed + tail pad
-    left = torch.tensor([[-1] * 6 + [0] * 34, [0] * 40], device=device)[:B, :T]  # left padding of a generation batch
+    # packed + tail pad; left padding of a generation batch
+    docs = torch.tensor([[0] * 10 + [1] * 25 + [-1] * 5, [0] * 40], device=device)[:B, :T]
+    left = torch.tensor([[-1] * 6 + [0] * 34, [0] * 40], device=device)[:B, :T]
     return {
         "full": None,
         "causal": A.causal_mask(B, T, device),
@@ -47,7 +48,7 @@ def masks(B, T, device="cpu"):
 @pytest.mark.parametrize("kind", ["full", "causal", "packed", "packed_row", "left_pad"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["flex-eager", "flex-compiled"])
 def test_flex_equals_eager(kind, compiled):
-    """packed: two rows (dense mask); packed_row: one packed row (eager path runs one causal call per document)."""
+    """packed: two rows (dense mask); packed_row: one row (eager: one causal call per document)."""
     B = 1 if kind == "packed_row" else 2
     q, k, v = qkv(B=B)
     mask = masks(B, 40)["packed" if kind == "packed_row" else kind]
@@ -73,25 +74,20 @@ def test_decode_mask_over_a_cache_buffer():
 
 
 def test_path_choice():
+    """flex only on CUDA and never for one query row; the CPU always takes the eager path."""
     q = torch.randn(1, 2, 8, 4)
-    assert not A.use_flex(q[:, :, :1])  # decode
-    assert not A.use_flex(q)  # CPU without --compile
-    A.enable_cpu_flex(True)
-    try:
-        assert A.use_flex(q)
-        assert not A.use_flex(q.requires_grad_())  # no flex backward on CPU
-    finally:
-        A.enable_cpu_flex(False)
+    assert not A.use_flex(q)
+    assert not A.use_flex(q[:, :, :1])
 
 
-# CUDA takes compiled flex in training too (forward and backward); these run on a GPU machine, not in CI
+# CUDA takes compiled flex in training too (forward and backward); these run on a GPU, not in CI
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
 @pytest.mark.parametrize("kind", ["full", "causal", "packed", "left_pad"])
 def test_cuda_flex_equals_eager_with_grads(kind):
-    """Outputs and gradients of compiled flex equal the eager path's (fp32; Triton's dots may round to TF32)."""
+    """Compiled flex's outputs and gradients equal eager's (fp32; Triton may round dots to TF32)."""
     q, k, v = (t.cuda() for t in qkv())
     mask = masks(2, 40, "cuda")[kind]
     outs, grads = [], []
@@ -108,20 +104,21 @@ def test_cuda_flex_equals_eager_with_grads(kind):
 
 @cuda
 def test_cuda_flex_stays_compiled(monkeypatch):
-    """Training's shapes change every step (tiles per batch, packed lengths) and run under bf16 autocast, where q
-    and k leave RoPE in fp32 beside a bf16 v. Compiled flex must absorb that without reaching dynamo's recompile
-    limit, past which it silently runs unfused (here: an error instead)."""
+    """Training's shapes change every step (tiles per batch, packed lengths) and run under bf16
+    autocast, where q and k leave RoPE in fp32 beside a bf16 v. Compiled flex must absorb that
+    without reaching dynamo's recompile limit, past which it silently runs unfused (here: errs)."""
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     for step, tiles in enumerate([3, 7, 12, 5, 9, 16, 2, 11, 4, 13]):
         for autocast in (False, True):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 vit = [t.cuda().requires_grad_() for t in qkv(B=tiles, H=4, KV=4, T=17, seed=step)]
-                A.attention(*vit, None).float().sum().backward()  # the ViT: bidirectional over a tile's patches
+                A.attention(*vit, None).float().sum().backward()  # the ViT: bidirectional per tile
                 T = 40 + 24 * step  # the LLM: one packed row of three documents
                 q, k, v = [t.cuda().requires_grad_() for t in qkv(B=1, T=T, seed=step)]
                 docs = (torch.arange(T, device="cuda") * 3 // T)[None]  # [1, T]
-                out = A.attention(q, k, v.bfloat16() if autocast else v, A.causal_mask(1, T, "cuda", docs))
+                out = A.attention(q, k, v.bfloat16() if autocast else v,
+                                  A.causal_mask(1, T, "cuda", docs))
                 out.float().sum().backward()
                 assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
                 assert q.grad is not None and v.grad is not None
@@ -146,29 +143,30 @@ def test_model_flex_equals_eager(compiled, monkeypatch):
         if not compiled:
             monkeypatch.setattr(A, "_flex_compiled", A.flex_attention)
         flex = [model(ids, pix), model(ids, pix, doc_ids=docs)]
-    for e, f in zip(eager, flex):  # 1e-5 per attention call (above); through 7 layers, the parity bound
+    for e, f in zip(eager, flex):  # 1e-5 per call (above); through 7 layers, the parity bound
         assert (e - f).abs().max().item() <= 1e-4
-    assert (eager[0] - eager[1]).abs().max().item() > 1e-3  # the packed mask really changes attention
+    assert (eager[0] - eager[1]).abs().max().item() > 1e-3  # the packed mask does change attention
 
 
 @pytest.mark.parametrize("kind", ["full", "causal", "left_pad"])
 def test_per_head_low_precision_path(kind):
-    """bf16 inference on CPU goes one head at a time (per_head_attention): within bf16 rounding of the fp32 math,
-    and as close to it as ATen's own bf16 kernel is."""
+    """bf16 inference on CPU goes one head at a time (per_head_attention): within bf16 rounding of
+    the fp32 math, and as close to it as ATen's own bf16 kernel is."""
     q, k, v = qkv()
     mask = masks(2, 40)[kind]
     want = reference_attention(q, k, v, None if mask is None else mask.dense(40))
     with torch.no_grad():
         got = A.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float()
-        sdpa = A.F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), enable_gqa=True,
-                                                attn_mask=None if mask is None else mask.dense(40)).float()
+        sdpa = A.F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(),
+                                                enable_gqa=True, attn_mask=None if mask is None
+                                                else mask.dense(40)).float()
     assert (got - want).abs().max().item() <= 4 * max((sdpa - want).abs().max().item(), 2 ** -8)
 
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_per_head_decode_step(padded):
-    """A bf16 decode step (one query, 3 query heads per kv head, folded into rows of one product): within bf16
-    rounding of the fp32 math over the written slots, with and without left padding."""
+    """A bf16 decode step (one query, 3 query heads per kv head, folded into rows of one product):
+    within bf16 rounding of the fp32 math over the written slots, with and without left padding."""
     q, k, v = qkv(H=6, T=1, S=40)
     doc = torch.zeros(2, 40, dtype=torch.long)
     if padded:
@@ -196,11 +194,12 @@ def test_decode_reads_only_written_slots():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_linear_paths_are_exact(dtype):
-    """text.Linear's CPU inference paths (bf16: pre-packed weight; fp32: one row split over threads) equal
-    F.linear, and the packed copy follows in-place weight updates."""
-    from nanovl3.text import Linear
+    """fast.py's CPU inference paths (bf16: pre-packed weight; fp32: one row split over threads)
+    equal F.linear, and the packed copy follows in-place weight updates."""
+    from nanovl3.fast import FastLinear, speed_up
     torch.manual_seed(0)
-    lin = Linear(64, 96).to(dtype)
+    lin = speed_up(torch.nn.Sequential(torch.nn.Linear(64, 96))).to(dtype)[0]
+    assert type(lin) is FastLinear
     for shape in [(1, 64), (2, 1, 64), (3, 5, 64)]:
         x = torch.randn(*shape, dtype=dtype)
         with torch.no_grad():
@@ -209,29 +208,46 @@ def test_inference_linear_paths_are_exact(dtype):
         lin.weight.mul_(2)  # an optimizer step: the packed copy must be rebuilt
         x = torch.randn(1, 64, dtype=dtype)
         assert torch.equal(lin(x), A.F.linear(x, lin.weight, lin.bias))
-        assert torch.equal(copy.deepcopy(lin)(x), lin(x))  # the cache is not copied (oneDNN tensors cannot be)
+        assert torch.equal(copy.deepcopy(lin)(x), lin(x))  # the cache is not copied (oneDNN can't)
     assert list(lin.state_dict()) == ["weight", "bias"]  # nor saved
+
+
+class QKV(torch.nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(64, n, bias=bias)
+                                                 for n in (96, 32, 32))
+
+    def forward(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_products_are_exact(bias):
-    """Linear.fused_with (q/k/v, gate/up as one bf16 product) equals the separate products bit for bit, follows
-    in-place updates of any of the weights and biases, and is not copied by deepcopy."""
-    from nanovl3.text import Linear
+    """speed_up fuses q/k/v into one bf16 product: equal to the separate products bit for bit,
+    following in-place updates of any weight or bias, not copied by deepcopy; a layer called on its
+    own (another input) still gets its own product."""
+    from nanovl3.fast import speed_up
     torch.manual_seed(0)
-    layers = [Linear(64, n, bias=bias).bfloat16() for n in (96, 32, 32)]
+    m = speed_up(QKV(bias).bfloat16())
+    layers = [m.q_proj, m.k_proj, m.v_proj]
+    assert layers[0].fused is layers[2].fused is not None
+
+    def want(x, i):
+        return A.F.linear(x, layers[i].weight, layers[i].bias)
     with torch.no_grad():
         for shape in [(1, 1, 64), (2, 7, 64)]:
             x = torch.randn(*shape, dtype=torch.bfloat16)
-            got = layers[0].fused_with(x, *layers[1:])
+            got = m(x)
             assert [y.shape[-1] for y in got] == [96, 32, 32]
-            for y, layer in zip(got, layers):
-                assert torch.equal(y, A.F.linear(x, layer.weight, layer.bias))
+            assert all(torch.equal(y, want(x, i)) for i, y in enumerate(got))
         layers[2].weight.mul_(2)  # an update of the last weight alone must rebuild the fused copy
-        assert torch.equal(layers[0].fused_with(x, *layers[1:])[2], A.F.linear(x, layers[2].weight, layers[2].bias))
+        assert torch.equal(m(x)[2], want(x, 2))
         if bias:
             layers[1].bias.add_(1)  # and so must an update of one bias alone
-            assert torch.equal(layers[0].fused_with(x, *layers[1:])[1], A.F.linear(x, layers[1].weight, layers[1].bias))
-        clone = copy.deepcopy(layers[0])
-        assert not hasattr(clone, "_fused") and torch.equal(clone(x), layers[0](x))
-    assert all(not k.startswith("_") for k in layers[0].state_dict())  # the caches are never saved
+            assert torch.equal(m(x)[1], want(x, 1))
+        y = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+        assert torch.equal(m.k_proj(y), want(y, 1))
+        clone = copy.deepcopy(m)
+        assert all(torch.equal(a, b) for a, b in zip(clone(x), m(x)))
+    assert all(not k.startswith("_") for k in m.state_dict())  # the caches are never saved

@@ -1,20 +1,23 @@
 """
-Tokenizer wrapper and the internvl2_5 chat template (nanovl3/chat.py) against SPEC §4.
+Tokenizer wrapper and the internvl2_5 chat template (nanovl3/chat.py) against upstream
+OpenGVLab/InternVL conversation.py and train/dataset.py `preprocess_internvl2_5`.
 
     python -m pytest -q tests/test_chat.py
 """
 
 import pytest
 
-from nanovl3.chat import (DEFAULT_SYSTEM_MESSAGE, SPECIAL_TOKENS, Tokenizer, expand_image_tokens, render_prompt,
-                          tokenize_conversation, train_tokenizer)
+from nanovl3.chat import (DEFAULT_SYSTEM_MESSAGE, SPECIAL_TOKENS, Tokenizer, expand_image_tokens,
+                          render_prompt, tokenize_conversation, train_tokenizer)
 from nanovl3.common import UserError
 
-# written out by hand from SPEC §4.1
+# written out by hand from conversation.py, template internvl2_5
 SYS = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 CTX = "<IMG_CONTEXT>"
-TEXTS = ["What colour is the circle? It is red.", "How many shapes are there? There are three shapes.",
-         "Describe the image. A red circle and a blue square.", "The answer is 5.", "user", "assistant", "system"] * 20
+TEXTS = ["What colour is the circle? It is red.",
+         "How many shapes are there? There are three shapes.",
+         "Describe the image. A red circle and a blue square.",
+         "The answer is 5.", "user", "assistant", "system"] * 20
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def tok():
 # prompts
 
 
-def test_system_message_is_the_spec_string():
+def test_system_message_is_the_upstream_string():
     assert DEFAULT_SYSTEM_MESSAGE == SYS
 
 
@@ -56,18 +59,19 @@ def test_one_image_prompt():
 
 def test_two_image_prompt():
     want = ("<|im_start|>system\n" + SYS + "<|im_end|>\n"
-            "<|im_start|>user\nImage-1: <img>" + CTX * 4 + "</img>\nImage-2: <img>" + CTX * 12 + "</img>\n"
-            "Which image has more shapes?<|im_end|>\n"
+            "<|im_start|>user\nImage-1: <img>" + CTX * 4 + "</img>\n"
+            "Image-2: <img>" + CTX * 12 + "</img>\nWhich image has more shapes?<|im_end|>\n"
             "<|im_start|>assistant\n")
     assert render_prompt("Which image has more shapes?", [1, 3], tokens_per_tile=4) == want
-    assert render_prompt("Which image has more shapes?", [1, 3], tokens_per_tile=4, expand=False) == (
+    question = "Which image has more shapes?"
+    assert render_prompt(question, [1, 3], tokens_per_tile=4, expand=False) == (
         "<|im_start|>system\n" + SYS + "<|im_end|>\n"
-        "<|im_start|>user\nImage-1: <image>\nImage-2: <image>\nWhich image has more shapes?<|im_end|>\n"
+        "<|im_start|>user\nImage-1: <image>\nImage-2: <image>\n" + question + "<|im_end|>\n"
         "<|im_start|>assistant\n")
 
 
 def test_history_prompt():
-    # the image tag of the first turn lives in the history; the new question gets none (as chat() does)
+    # the first turn's image tag lives in the history; the new question gets none (as chat() does)
     want = ("<|im_start|>system\n" + SYS + "<|im_end|>\n"
             "<|im_start|>user\n<img>" + CTX * 4 + "</img>\nWhat is it?<|im_end|>\n"
             "<|im_start|>assistant\nA circle.<|im_end|>\n"
@@ -76,7 +80,8 @@ def test_history_prompt():
     history = [("<image>\nWhat is it?", "A circle.")]
     assert render_prompt("What colour?", [1], tokens_per_tile=4, history=history) == want
     # text-only history and a custom system message
-    assert render_prompt("And 3 + 4?", [], history=[("What is 1 + 1?", "2")], system_message="Be brief.") == (
+    history = [("What is 1 + 1?", "2")]
+    assert render_prompt("And 3 + 4?", [], history=history, system_message="Be brief.") == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
         "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n"
         "<|im_start|>assistant\n2<|im_end|>\n"
@@ -102,23 +107,27 @@ def test_expand_image_tokens():
 
 def test_round_trip_and_special_tokens(tok):
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
-    for text in [SYS, "What colour is the circle?", "unseen: Zebra ü ß 🙂 \t\n  x", "<|im_start|>user\nhi<|im_end|>\n"]:
+    for text in [SYS, "What colour is the circle?", "unseen: Zebra ü ß 🙂 \t\n  x",
+                 "<|im_start|>user\nhi<|im_end|>\n"]:
         ids = tok.encode(text)
         assert tok.decode(ids, skip_special_tokens=False) == text
     for t in SPECIAL_TOKENS:
         assert tok.encode(t) == [tok.token_to_id(t)]  # one id, never split
-        assert tok.encode("x" + t + "y")[1] == tok.token_to_id(t)  # and never merged with neighbours
+        assert tok.encode("x" + t + "y")[1] == tok.token_to_id(t)  # and never merged with others
     prompt = render_prompt("Describe the image.", [2], tokens_per_tile=4)
     ids = tok.encode(prompt)
-    assert ids.count(tok.img_context_id) == 8 and ids.count(tok.img_start_id) == ids.count(tok.img_end_id) == 1
-    assert tok.decode(ids) == tok.decode(ids, skip_special_tokens=False).replace("<|im_start|>", "").replace(
-        "<|im_end|>", "").replace("<img>", "").replace("</img>", "").replace(CTX, "")
+    assert ids.count(tok.img_context_id) == 8
+    assert ids.count(tok.img_start_id) == ids.count(tok.img_end_id) == 1
+    plain = tok.decode(ids, skip_special_tokens=False)
+    for special in ("<|im_start|>", "<|im_end|>", "<img>", "</img>", CTX):
+        plain = plain.replace(special, "")
+    assert tok.decode(ids) == plain
 
 
 def test_tokenizer_ids_and_io(tok, tmp_path):
     assert tok.stop_ids == [tok.im_end_id, tok.endoftext_id] == [2, 0]
     assert tok.pad_id == tok.endoftext_id == 0 and tok.im_start_id == 1
-    assert len(SPECIAL_TOKENS) + 256 < tok.vocab_size <= 400  # BPE stops early when it runs out of pairs
+    assert len(SPECIAL_TOKENS) + 256 < tok.vocab_size <= 400  # BPE stops early, out of pairs
     tok.save(tmp_path / "ckpt")
     for path in [tmp_path / "ckpt", tmp_path / "ckpt" / "tokenizer.json"]:
         again = Tokenizer.from_dir(path)
@@ -136,7 +145,7 @@ def test_tokenizer_ids_and_io(tok, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# SFT tokenisation and loss masking (SPEC §4.5)
+# SFT tokenisation and loss masking (dataset.py `preprocess_internvl2_5`)
 
 
 def supervised_runs(ids, labels):
@@ -171,8 +180,8 @@ def test_loss_mask_multi_turn(tok):
         "There are three shapes.<|im_end|>", "The answer is 5.<|im_end|>", "It is red.<|im_end|>"]
     # the whole sequence is the template text, image tags expanded in order across human turns
     want = ("<|im_start|>system\n" + SYS + "<|im_end|>\n"
-            "<|im_start|>user\nImage-1: <img>" + CTX * 4 + "</img>\nImage-2: <img>" + CTX * 8 + "</img>\n"
-            "How many shapes?<|im_end|>\n"
+            "<|im_start|>user\nImage-1: <img>" + CTX * 4 + "</img>\n"
+            "Image-2: <img>" + CTX * 8 + "</img>\nHow many shapes?<|im_end|>\n"
             "<|im_start|>assistant\nThere are three shapes.<|im_end|>\n"
             "<|im_start|>user\n<img>" + CTX * 12 + "</img>\nAnd here?<|im_end|>\n"
             "<|im_start|>assistant\nThe answer is 5.<|im_end|>\n"
@@ -181,7 +190,8 @@ def test_loss_mask_multi_turn(tok):
     assert tok.decode(ids, skip_special_tokens=False) == want
     # image, system and user tokens never carry a label
     assert ids.count(tok.img_context_id) == 24
-    assert all(l == -100 for i, l in zip(ids, labels) if i in (tok.img_context_id, tok.img_start_id, tok.img_end_id))
+    image_ids = (tok.img_context_id, tok.img_start_id, tok.img_end_id)
+    assert all(l == -100 for i, l in zip(ids, labels) if i in image_ids)
     assert sum(l != -100 for l in labels) == sum(len(r) for r in runs)
     assert labels[-1] == -100  # the trailing "\n"
 
@@ -190,20 +200,23 @@ def test_system_override(tok):
     conv = [{"from": "system", "value": "You are a shape counter."}] + CONV[4:]
     ids, labels = tokenize_conversation(tok, conv, [], 4)
     text = tok.decode(ids, skip_special_tokens=False)
-    assert text.startswith("<|im_start|>system\nYou are a shape counter.<|im_end|>\n<|im_start|>user\n")
+    assert text.startswith("<|im_start|>system\nYou are a shape counter.<|im_end|>\n"
+                           "<|im_start|>user\n")
     assert SYS not in text
-    assert [tok.decode(r, skip_special_tokens=False) for r in supervised_runs(ids, labels)] == ["It is red.<|im_end|>"]
+    runs = supervised_runs(ids, labels)
+    assert [tok.decode(r, skip_special_tokens=False) for r in runs] == ["It is red.<|im_end|>"]
     ids2, _ = tokenize_conversation(tok, CONV[4:], [], 4, system_message="You are a shape counter.")
     assert ids2 == ids
     ids3, _ = tokenize_conversation(tok, CONV[4:], [], 4)
-    assert tok.decode(ids3, skip_special_tokens=False).startswith("<|im_start|>system\n" + SYS + "<|im_end|>\n")
+    text3 = tok.decode(ids3, skip_special_tokens=False)
+    assert text3.startswith("<|im_start|>system\n" + SYS + "<|im_end|>\n")
 
 
 @pytest.mark.parametrize("conv,tiles,msg", [
     ([], [], "empty"),
     ([{"from": "gpt", "value": "hi"}, {"from": "human", "value": "hi"}], [], "alternate"),
-    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}], [],
-     "alternate"),
+    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
+      {"from": "gpt", "value": "c"}], [], "alternate"),
     ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], [], "alternate"),
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": None}], [], "string"),
     ([{"from": "human", "value": ["a"]}, {"from": "gpt", "value": "b"}], [], "string"),
@@ -211,8 +224,10 @@ def test_system_override(tok):
     ([{"from": "system", "value": "s"}, {"from": "human", "value": "a"}], [], "no 'gpt' turn"),
     ([{"from": "human"}, {"from": "gpt", "value": "b"}], [], "'from' and 'value'"),
     ("not a list", [], "list"),
-    ([{"from": "human", "value": "<image> a"}, {"from": "gpt", "value": "b"}], [1, 1], "1 <image> tags but 2 images"),
-    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image>"}], [1], "0 <image> tags but 1 images"),
+    ([{"from": "human", "value": "<image> a"}, {"from": "gpt", "value": "b"}], [1, 1],
+     "1 <image> tags but 2 images"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image>"}], [1],
+     "0 <image> tags but 1 images"),
 ])
 def test_bad_conversations(tok, conv, tiles, msg):
     with pytest.raises(UserError, match=msg):

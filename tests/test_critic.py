@@ -1,6 +1,7 @@
 """
-Best-of-N critics: final answers, step splitting, VisualPRM step scores (one pass = step by step, batched = alone),
-and a PRM built by hand whose preference is known, so Best-of-N must pick its candidate.
+Best-of-N critics: final answers, step splitting, VisualPRM step scores (one pass = step by step,
+batched = alone), and a PRM built by hand whose preference is known, so Best-of-N must pick its
+candidate.
 
     python -m pytest -q tests/test_critic.py
 """
@@ -13,13 +14,14 @@ from tokenizers import models, pre_tokenizers, trainers
 from nanovl3.chat import ASSISTANT, Tokenizer, render_prompt, train_tokenizer
 from nanovl3.common import UserError
 from nanovl3.config import preset
-from nanovl3.critic import (PRM_SYSTEM_PROMPT, Critic, aggregate, best_of_n, final_answer, is_correct, majority_vote,
-                            plus_minus_ids, prm_conversation, prm_inputs, prm_step_scores, score_responses,
-                            split_steps)
+from nanovl3.critic import (PRM_SYSTEM_PROMPT, Critic, aggregate, best_of_n, final_answer,
+                            is_correct, majority_vote, plus_minus_ids, prm_conversation, prm_inputs,
+                            prm_step_scores, score_responses, split_steps)
 from nanovl3.model import InternVL
 
-TEXTS = ["How many shapes are there? There are three shapes.", "First count the circles: there are 2.",
-         "Then add the squares: 2 + 1 = 3.", "The answer is 3.", "a red circle - a blue square"] * 20
+TEXTS = ["How many shapes are there? There are three shapes.",
+         "First count the circles: there are 2.", "Then add the squares: 2 + 1 = 3.",
+         "The answer is 3.", "a red circle - a blue square"] * 20
 QUESTION = "<image>\nHow many shapes are there?"
 STEPS = ["First count the circles: there are 2.", "Then the squares: there is 1.", "So 2 + 1 = 3.",
          "The answer is 3."]
@@ -49,7 +51,8 @@ def prm(tok):
 @pytest.fixture(scope="module")
 def pix(prm):
     size = prm.cfg.vision.image_size
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))  # one image of 2 tiles
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, size, size, generator=g)  # one image of 2 tiles
 
 
 # -----------------------------------------------------------------------------
@@ -58,34 +61,37 @@ def pix(prm):
 
 def test_final_answer_and_is_correct():
     assert final_answer("First 2.\n\nThen 1.\nThe answer is 3.") == "3"
-    assert final_answer("The answer is 4.\nNo wait.\nThe answer is Red .") == "red"  # the last one counts
+    assert final_answer("The answer is 4.\nNo.\nThe answer is Red .") == "red"  # the last counts
     assert final_answer("  Blue.  ") == "blue"  # no answer line: the whole text
     assert is_correct("so\nThe answer is RED.", "red") and not is_correct("The answer is 3.", 4)
     assert is_correct("The answer is 3.", 3)
 
 
 def test_split_steps():
-    assert split_steps("a\n\nb\n\n\n\nc\n") == ["a", "b", "c"]  # runs of blank lines are one separator
-    assert split_steps("one line\nsecond line") == ["one line\nsecond line"]  # single newlines stay inside a step
+    assert split_steps("a\n\nb\n\n\n\nc\n") == ["a", "b", "c"]  # runs of blank lines: one separator
+    # single newlines stay inside a step
+    assert split_steps("one line\nsecond line") == ["one line\nsecond line"]
     assert split_steps("   ") == [""]
     pieces = [f"p{i}" for i in range(7)]
     # 7 pieces, at most 3 steps: chunks of ceil(7/3) = 3 pieces
-    assert split_steps("\n\n".join(pieces), max_steps=3) == ["p0\n\np1\n\np2", "p3\n\np4\n\np5", "p6"]
+    want = ["p0\n\np1\n\np2", "p3\n\np4\n\np5", "p6"]
+    assert split_steps("\n\n".join(pieces), max_steps=3) == want
     assert split_steps("\n\n".join(pieces), max_steps=7) == pieces
 
 
 def test_majority_vote_and_best_of_n():
-    responses = ["The answer is 3.", "The answer is 4.", "x\nThe answer is 4.", "The answer is 5.", "The answer is 4"]
+    responses = ["The answer is 3.", "The answer is 4.", "x\nThe answer is 4.", "The answer is 5.",
+                 "The answer is 4"]
     scores = majority_vote(responses)
     assert scores == pytest.approx([0.2, 0.6, 0.6, 0.2, 0.6])
     assert best_of_n(scores) == 1  # the first of the majority
     assert best_of_n(score_responses(Critic("majority"), "q", responses)) == 1
     assert best_of_n([0.1, 0.9, 0.3, 0.9]) == 1 and best_of_n([0.5]) == 0
-    # weighted: answer 3 (one sample, weight 0.9) against answer 4 (three samples, 0.2 each) and 5 (0.1)
+    # weighted: answer 3 (one sample, weight 0.9) against 4 (three samples, 0.2 each) and 5 (0.1)
     weighted = majority_vote(responses, [0.9, 0.2, 0.2, 0.1, 0.2])
     assert weighted == pytest.approx([0.9 / 1.6, 0.6 / 1.6, 0.6 / 1.6, 0.1 / 1.6, 0.6 / 1.6])
     assert best_of_n(weighted) == 0
-    assert majority_vote(responses, [1.0] * 5) == pytest.approx(scores)  # equal weights: plain majority
+    assert majority_vote(responses, [1.0] * 5) == pytest.approx(scores)  # equal weights: majority
     with pytest.raises(ValueError, match="5 responses but 4 weights"):
         majority_vote(responses, [1.0] * 4)
 
@@ -112,7 +118,8 @@ def test_prm_inputs_positions(tok):
         assert ids[p + 1] == plus[0]  # position p predicts the "+" of turn k
         assert ids[:p + 1][-len(role):] == role  # ... right after "<|im_start|>assistant\n"
         seen = tok.decode(ids[:p + 1])
-        assert STEPS[k] in seen and (k + 1 == len(STEPS) or STEPS[k + 1] not in seen)  # it has read step k, no more
+        # it has read step k, no more
+        assert STEPS[k] in seen and (k + 1 == len(STEPS) or STEPS[k + 1] not in seen)
     assert ids.count(tok.img_context_id) == 2 * 16 and PRM_SYSTEM_PROMPT in tok.decode(ids)
 
 
@@ -120,17 +127,18 @@ def test_plus_minus_must_be_single_tokens():
     # a word-level BPE that never saw "+": encode("+") is empty, so there is no logit to read
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(["plain words only"] * 5, trainers.BpeTrainer(vocab_size=50, show_progress=False))
+    tk.train_from_iterator(["plain words only"] * 5,
+                           trainers.BpeTrainer(vocab_size=50, show_progress=False))
     with pytest.raises(UserError, match="one token"):
         plus_minus_ids(Tokenizer(tk))
 
 
 def truncated_score(prm, tok, question, steps, k, pix, num_tiles):
-    """P("+") of step k from the generation prompt that ends right after step k (no prm_inputs involved)."""
+    """P("+") of step k from the generation prompt that ends right after step k (no prm_inputs)."""
     conv = prm_conversation(question, steps[:k + 1])
     users = [t["value"] for t in conv if t["from"] == "human"]
-    prompt = render_prompt(users[-1], num_tiles, prm.cfg.num_image_token, history=[(u, "+") for u in users[:-1]],
-                           system_message=PRM_SYSTEM_PROMPT)
+    prompt = render_prompt(users[-1], num_tiles, prm.cfg.num_image_token,
+                           history=[(u, "+") for u in users[:-1]], system_message=PRM_SYSTEM_PROMPT)
     with torch.no_grad():
         logits = prm(torch.tensor([tok.encode(prompt)]), pix, last_only=True)[0, -1]  # [V]
     plus, minus = plus_minus_ids(tok)
@@ -141,13 +149,15 @@ def test_one_pass_equals_step_by_step(prm, tok, pix):
     scores = prm_step_scores(prm, tok, QUESTION, ["\n\n".join(STEPS)], pix, [2])[0]
     assert len(scores) == len(STEPS)
     for k in range(len(STEPS)):
-        assert scores[k] == pytest.approx(truncated_score(prm, tok, QUESTION, STEPS, k, pix, [2]), abs=1e-5)
-    assert max(scores) - min(scores) > 1e-3  # the steps get different scores: a wrong position could not pass
+        want = truncated_score(prm, tok, QUESTION, STEPS, k, pix, [2])
+        assert scores[k] == pytest.approx(want, abs=1e-5)
+    # the steps get different scores: a wrong position could not pass
+    assert max(scores) - min(scores) > 1e-3
 
 
 def test_batched_with_padding_equals_one_by_one(prm, tok, pix):
-    responses = ["\n\n".join(STEPS), "The answer is 3.", "\n\n".join(STEPS[:2]) + "\n\nThe answer is 4.",
-                 "Count them.\n\nThe answer is 3."]
+    responses = ["\n\n".join(STEPS), "The answer is 3.",
+                 "\n\n".join(STEPS[:2]) + "\n\nThe answer is 4.", "Count them.\n\nThe answer is 3."]
     alone = [prm_step_scores(prm, tok, QUESTION, [r], pix, [2])[0] for r in responses]
     for batch_size in (2, 8):
         batched = prm_step_scores(prm, tok, QUESTION, responses, pix, [2], batch_size=batch_size)
@@ -166,13 +176,14 @@ def test_text_only_and_image_mismatch(prm, tok, pix):
 
 
 # -----------------------------------------------------------------------------
-# a PRM with a known preference: P("+") > 1/2 exactly where a marker token has been seen, 1/2 elsewhere
+# a PRM with a known preference: P("+") > 1/2 exactly where a marker token has been seen, else 1/2
 
 
 def marker_prm(tok, marker: int) -> InternVL:
-    """Every block adds nothing except one head of layer 0, which attends uniformly to the past (q = 0) and copies
-    channel 0 (set only in the marker's embedding) into channel 1; the lm_head reads channel 1 as logit("+") and
-    minus it as logit("-"). Without the marker in view both logits are exactly 0."""
+    """Every block adds nothing except one head of layer 0, which attends uniformly to the past
+    (q = 0) and copies channel 0 (set only in the marker's embedding) into channel 1; the lm_head
+    reads channel 1 as logit("+") and minus it as logit("-"). Without the marker in view both
+    logits are exactly 0."""
     model = tiny_model(tok, std=0.02, tie=False)
     plus, minus = plus_minus_ids(tok)
     lm = model.language_model
@@ -211,11 +222,12 @@ def test_best_of_n_picks_the_prm_favourite(tok):
                 assert steps[r][k] > 0.9
             else:
                 assert steps[r][k] == pytest.approx(0.5, abs=1e-6)
-    assert any(s > 0.9 for s in steps[1])  # the construction works: the favourite has a step above 1/2
-    for kind in ("prm", "outcome", "vote"):  # vote: every final answer differs, so the heaviest is the favourite
+    assert any(s > 0.9 for s in steps[1])  # the construction works: a favourite's step above 1/2
+    # vote: every final answer differs, so the heaviest is the favourite
+    for kind in ("prm", "outcome", "vote"):
         scores = score_responses(Critic(kind, prm, tok), question, responses)
         assert best_of_n(scores) == 1, (kind, scores)
     vote = score_responses(Critic("vote", prm, tok), question, responses[:2] + [responses[0]] * 2)
     assert best_of_n(vote) == 0  # two low-scored votes for 2 outweigh the favourite's one
-    # majority voting on the same candidates has no favourite: all answers differ, ties go to the first
+    # majority voting on these candidates has no favourite: all answers differ, ties go to the first
     assert best_of_n(score_responses(Critic("majority"), question, responses)) == 0

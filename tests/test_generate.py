@@ -1,5 +1,5 @@
 """
-Generation: KV-cache decoding equals recomputing the whole sequence; batched rows equal rows sampled alone.
+Generation: KV-cache decoding equals a full recompute; batched rows equal rows sampled alone.
 
     python -m pytest -q tests/test_generate.py
 """
@@ -23,7 +23,7 @@ def model():
     cfg = preset("toy")
     cfg.image_token_id = IMG
     m = InternVL(cfg).eval()
-    m.init_weights(std=0.3)  # large enough that sampling is not near-uniform and greedy does not stall
+    m.init_weights(std=0.3)  # large enough: sampling not near-uniform, greedy not stalling
     return m
 
 
@@ -38,12 +38,13 @@ def prompt_with_image(model, n_tiles, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kv_cache_equals_recompute(model, dtype):
-    """fp64 isolates the cache logic from rounding (bound 1e-9); fp32 must agree to 1e-4 and in every token."""
+    """fp64 isolates the cache logic from rounding (bound 1e-9); fp32: within 1e-4, same tokens."""
     model = copy.deepcopy(model).to(dtype)
     ids, pix = prompt_with_image(model, 2, seed=0)
     pix = pix.to(dtype)
     step_logits = []
-    hook = model.language_model.lm_head.register_forward_hook(lambda m, i, o: step_logits.append(o.detach()))
+    hook = model.language_model.lm_head.register_forward_hook(lambda m, i, o:
+                                                               step_logits.append(o.detach()))
     try:
         new = generate(model, [ids], pix, max_new_tokens=16, temperature=0.0)[0]
     finally:
@@ -55,7 +56,8 @@ def test_kv_cache_equals_recompute(model, dtype):
     # step k's logits predict new[k]: prefill gives the first, each decode step the next
     for k, logits in enumerate(step_logits):
         want = recomputed[len(ids) - 1 + k]
-        assert (logits.reshape(-1) - want).abs().max().item() <= (1e-9 if dtype == torch.float64 else 1e-4)
+        assert ((logits.reshape(-1) - want).abs().max().item()
+                <= (1e-9 if dtype == torch.float64 else 1e-4))
         assert int(want.argmax()) == new[k]
 
 
@@ -76,17 +78,19 @@ def test_best_of_n_rows_equal_rows_alone(model):
     rows = generate(model, [ids], pix, max_new_tokens=10, temperature=1.0, seed=11, num_samples=4)
     assert len(rows) == 4 and len({tuple(r) for r in rows}) > 1  # different samples
     for r in range(4):
-        assert rows[r] == generate(model, [ids], pix, max_new_tokens=10, temperature=1.0, seed=11 + r)[0]
+        assert rows[r] == generate(model, [ids], pix, max_new_tokens=10, temperature=1.0,
+                                   seed=11 + r)[0]
 
 
 def test_stop_tokens_and_streaming(model):
     ids, pix = prompt_with_image(model, 1, seed=4)
     free = generate(model, [ids], pix, max_new_tokens=12)[0]
     streamed = []
-    stopped = generate(model, [ids], pix, max_new_tokens=12, stop_ids=[free[5]], stream=streamed.append)[0]
+    stopped = generate(model, [ids], pix, max_new_tokens=12, stop_ids=[free[5]],
+                       stream=streamed.append)[0]
     first = free.index(free[5])
     assert stopped == free[:first]  # cut before the stop token
-    assert [s[0] for s in streamed] == free[:first + 1]  # streaming saw every sampled token, stop included
+    assert [s[0] for s in streamed] == free[:first + 1]  # streaming saw every token, stop included
 
 
 def test_prompt_too_long(model):
@@ -114,15 +118,17 @@ def test_v2pe_delta_one_is_plain_positions(model):
     assert quarter[3:3 + n].tolist() == [2 + 0.25 * (k + 1) for k in range(n)]
     assert quarter[3 + n].item() == 2 + n // 4 + 1
     with torch.no_grad():
-        assert (model(t[None], pix, position_ids=quarter[None]) - model(t[None], pix)).abs().max() > 1e-3
+        assert (model(t[None], pix, position_ids=quarter[None])
+                - model(t[None], pix)).abs().max() > 1e-3
 
 
 def test_generate_with_v2pe_delta_equals_recompute(model):
-    """generate(v2pe_delta=δ) on a left-padded batch: each row's greedy tokens equal a full recompute that uses
-    V2PE positions for the prompt and +1 per new token; δ = 1 is the default path."""
+    """generate(v2pe_delta=δ) on a left-padded batch: each row's greedy tokens equal a full
+    recompute with V2PE positions for the prompt and +1 per new token; δ = 1: the default path."""
     prompts = [prompt_with_image(model, 1, seed=s) for s in (7, 8)]
-    prompts[1] = (prompts[1][0][:6] + prompts[1][0][6 + model.cfg.num_image_token:][:2] + prompts[1][0][6:],
-                  prompts[1][1])   # a longer second prompt: the first is left-padded
+    # a longer second prompt: the first is left-padded
+    prompts[1] = (prompts[1][0][:6] + prompts[1][0][6 + model.cfg.num_image_token:][:2]
+                  + prompts[1][0][6:], prompts[1][1])
     ids = [p for p, _ in prompts]
     pix = torch.cat([x for _, x in prompts])
     plain = generate(model, ids, pix, max_new_tokens=6)
@@ -141,8 +147,8 @@ def test_generate_with_v2pe_delta_equals_recompute(model):
 
 
 def test_compiled_decode_equals_eager_and_follows_new_weights(model):
-    """compile=True (fixed shapes, Inductor freezing on CPU) samples the eager path's greedy tokens, on a
-    left-padded batch, and still reads the weights after they change (freezing must not bake in stale ones)."""
+    """compile=True (fixed shapes, Inductor freezing on CPU) samples the eager path's greedy tokens
+    on a left-padded batch, and reads changed weights (freezing must not bake in stale ones)."""
     model = copy.deepcopy(model)
     prompts = [prompt_with_image(model, 1, seed=s) for s in (9, 10)]
     ids = [prompts[0][0], prompts[1][0][:-3]]  # different lengths: the compiled step sees doc masks
@@ -150,18 +156,19 @@ def test_compiled_decode_equals_eager_and_follows_new_weights(model):
     before = generate(model, ids, pix, max_new_tokens=8)
     assert generate(model, ids, pix, max_new_tokens=8, compile=True) == before
     with torch.no_grad():
-        model.language_model.lm_head.weight.mul_(-1)  # tied to the embeddings: every step's logits change
+        model.language_model.lm_head.weight.mul_(-1)  # tied to the embeddings: all logits change
     after = generate(model, ids, pix, max_new_tokens=8)
     assert after != before
     assert generate(model, ids, pix, max_new_tokens=8, compile=True) == after
 
 
 def test_compiled_cpu_decode_is_one_graph(model):
-    """The compiled step must stay one graph: a break at every Linear (dynamo cannot trace torch.get_num_threads)
-    made CPU compiled decode slower than eager. Batch 1 takes text.Linear's split matrix-vector products."""
+    """The compiled step must stay one graph: a break at every Linear (untraceable get_num_threads)
+    made CPU compiled decode slower than eager. Batch 1: fast.py's split matrix-vector products."""
     from torch._dynamo.utils import counters
     ids, pix = prompt_with_image(model, 1, seed=11)
     torch._dynamo.reset()
     counters.clear()
-    assert generate(model, [ids], pix, max_new_tokens=6, compile=True) == generate(model, [ids], pix, max_new_tokens=6)
+    assert (generate(model, [ids], pix, max_new_tokens=6, compile=True)
+            == generate(model, [ids], pix, max_new_tokens=6))
     assert not counters["graph_break"], dict(counters["graph_break"])

@@ -1,5 +1,5 @@
 """
-Loading and saving checkpoints: sharded files, dtype conversion, key errors that name the keys, config round trips.
+Checkpoints: sharded files, dtype conversion, key errors that name the keys, config round trips.
 
     python -m pytest -q tests/test_model.py
 """
@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanovl3.common import UserError
-from nanovl3.config import PRESETS, config_from_json, config_to_json, preset
-from nanovl3.model import InternVL, pixel_unshuffle, to_hf_names, to_original_names
+from nanovl3.checkpoint import config_from_json, config_to_json, to_hf_names, to_original_names
+from nanovl3.config import PRESETS, preset
+from nanovl3.model import InternVL, pixel_unshuffle
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def test_sharded_checkpoint_loads(saved, tmp_path):
     m, d = saved
     sd = load_file(d / "model.safetensors")
     keys = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {"model-00001-of-00002.safetensors": keys[::2],
+              "model-00002-of-00002.safetensors": keys[1::2]}
     for name, ks in shards.items():
         save_file({k: sd[k] for k in ks}, tmp_path / name)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
@@ -52,10 +54,12 @@ def test_bf16_checkpoint_loads_as_requested_dtype(saved, tmp_path):
     m, d = saved
     m16 = InternVL.from_pretrained(d, dtype=torch.bfloat16)
     m16.save_pretrained(tmp_path / "bf16")
-    assert load_file(tmp_path / "bf16" / "model.safetensors")["mlp1.1.weight"].dtype == torch.bfloat16
+    assert (load_file(tmp_path / "bf16" / "model.safetensors")["mlp1.1.weight"].dtype
+            == torch.bfloat16)
     m32 = InternVL.from_pretrained(tmp_path / "bf16", dtype="float32")
     assert all(p.dtype == torch.float32 for p in m32.parameters())
-    assert m32.language_model.lm_head.weight is m32.language_model.model.embed_tokens.weight  # still tied
+    # still tied
+    assert m32.language_model.lm_head.weight is m32.language_model.model.embed_tokens.weight
     assert (logits(m32) - logits(m)).abs().max().item() < 0.5  # bf16 rounding only
 
 
@@ -91,15 +95,16 @@ def test_hf_names_round_trip(saved):
     hf = to_hf_names(sd)
     assert "vision_tower.encoder.layer.0.attention.q_proj.weight" in hf
     assert "multi_modal_projector.linear_1.weight" in hf
-    back = to_original_names(hf, m.cfg)
+    back = to_original_names(hf)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_pixel_unshuffle_channel_order():
-    """Output token (i, j) = concat(x[2i,2j], x[2i,2j+1], x[2i+1,2j], x[2i+1,2j+1]) (SPEC §1.4, v2)."""
+    """Token (i, j) = concat(x[2i,2j], x[2i,2j+1], x[2i+1,2j], x[2i+1,2j+1]) (ps_version v2)."""
     x = torch.randn(2, 8, 8, 3)
     y = pixel_unshuffle(x)
     assert y.shape == (2, 4, 4, 12)
     for i, j in [(0, 0), (1, 3), (3, 2)]:
-        want = torch.cat([x[:, 2 * i, 2 * j], x[:, 2 * i, 2 * j + 1], x[:, 2 * i + 1, 2 * j], x[:, 2 * i + 1, 2 * j + 1]], -1)
+        want = torch.cat([x[:, 2 * i, 2 * j], x[:, 2 * i, 2 * j + 1], x[:, 2 * i + 1, 2 * j],
+                          x[:, 2 * i + 1, 2 * j + 1]], -1)
         assert torch.equal(y[:, i, j], want)

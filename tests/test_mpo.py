@@ -1,6 +1,7 @@
 """
-MPO: the loss against hand-computed values, its special cases (DPO, SFT NLL), the running δ, the preference data
-reader and its errors, and mpo.py end to end (learning signal, exact resume, bad input).
+MPO: the loss against hand-computed values, its special cases (DPO, SFT NLL), the running δ, the
+preference data reader and its errors, and mpo.py end to end (learning signal, exact resume, bad
+input).
 
     python -m pytest -q tests/test_mpo.py
 """
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 
 from nanovl3.chat import Tokenizer
 from nanovl3.common import UserError
-from nanovl3.data import IGNORE, DataConfig, DatasetSpec, SampleStream, build_sample
-from nanovl3.losses import RunningMean, lm_loss, mpo_loss, sequence_logps
+from nanovl3.data import DataConfig, DatasetSpec, SampleStream, build_sample
+from nanovl3.losses import IGNORE, RunningMean, lm_loss, mpo_loss, sequence_logps
 from nanovl3.model import InternVL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,18 +42,21 @@ def test_mpo_loss_equals_hand_computed_values():
     r_c = [0.5 * (-3.0 + 3.5), 0.5 * (-5.0 + 4.0)]  # [0.25, -0.5]
     r_r = [0.5 * (-4.0 + 3.0), 0.5 * (-2.0 + 2.5)]  # [-0.5, 0.25]
     delta = (sum(r_c) + sum(r_r)) / 4  # first batch: δ = mean of its own rewards
-    per_pair = [0.8 * -math.log(sig(c - r)) + 0.2 * (-math.log(sig(c - delta)) - math.log(sig(-(r - delta))))
+    per_pair = [0.8 * -math.log(sig(c - r))
+                + 0.2 * (-math.log(sig(c - delta)) - math.log(sig(-(r - delta))))
                 for c, r in zip(r_c, r_r)]
     expected = sum(per_pair) / 2 + 1.0 * 0.7
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert stats["delta"] == pytest.approx(delta)
-    assert stats["accuracy"] == 0.5 and stats["margin"] == pytest.approx(((0.25 + 0.5) + (-0.5 - 0.25)) / 2)
+    assert stats["accuracy"] == 0.5
+    assert stats["margin"] == pytest.approx(((0.25 + 0.5) + (-0.5 - 0.25)) / 2)
 
 
 def test_weights_100_is_exactly_dpo_and_001_is_exactly_sft_nll():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 7, 11, generator=g)
-    labels = torch.tensor([[IGNORE, IGNORE, 3, 4, 5, IGNORE, IGNORE], [IGNORE, IGNORE, IGNORE, 1, 2, 9, 10]])
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 4, 5, IGNORE, IGNORE],
+                           [IGNORE, IGNORE, IGNORE, 1, 2, 9, 10]])
     pc, pr, rc, rr = torch.randn(4, 3, generator=g).unbind(0)
     pc.requires_grad_(True)
     nll = lm_loss(logits, labels)
@@ -111,8 +115,11 @@ def pairs_from_world(world, n=12) -> list[dict]:
         answer = conv[1]["value"]
         last = answer.rsplit("The answer is ", 1)
         wrong = last[0] + f"The answer is {int(last[1].rstrip('.')) + 1}."
-        rows.append({"image": d["image"], "question": conv[0]["value"].replace("<image>\n", "")
-                     if isinstance(d["image"], str) else conv[0]["value"], "chosen": answer, "rejected": wrong})
+        question = conv[0]["value"]
+        if isinstance(d["image"], str):
+            question = question.replace("<image>\n", "")
+        rows.append({"image": d["image"], "question": question, "chosen": answer,
+                     "rejected": wrong})
         if len(rows) == n:
             break
     return rows
@@ -124,8 +131,8 @@ def write_pairs(world, rows, name="pairs") -> str:
     with open(d / "pairs.jsonl", "w") as f:
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    (d / "meta.json").write_text(json.dumps({"toy_pairs": {"root": "..", "annotation": "pairs.jsonl",
-                                                           "repeat_time": 1}}))
+    meta = {"toy_pairs": {"root": "..", "annotation": "pairs.jsonl", "repeat_time": 1}}
+    (d / "meta.json").write_text(json.dumps(meta))
     return str(d / "meta.json")
 
 
@@ -133,7 +140,8 @@ def test_preference_sample_shares_the_prompt_and_masks_it(world):
     tok = Tokenizer.from_dir(world)
     rows = pairs_from_world(world, 2)
     spec = DatasetSpec("p", str(world), str(world / "pairs.jsonl"), kind="preference")
-    chosen, rejected = build_sample(tok, spec, 1, rows[0], DataConfig(tokens_per_tile=16, image_size=112))
+    dcfg = DataConfig(tokens_per_tile=16, image_size=112)
+    chosen, rejected = build_sample(tok, spec, 1, rows[0], dcfg)
     assert torch.equal(chosen.pixel_values, rejected.pixel_values)
     n = len(tok.encode(rows[0]["chosen"]))  # answer tokens; +1 for <|im_end|>
     first = int((chosen.labels != IGNORE).nonzero()[0])
@@ -141,7 +149,8 @@ def test_preference_sample_shares_the_prompt_and_masks_it(world):
     assert int((chosen.labels != IGNORE).sum()) == n + 1
     assert tok.decode(chosen.labels[chosen.labels != IGNORE].tolist()) == rows[0]["chosen"]
     assert tok.decode(rejected.labels[rejected.labels != IGNORE].tolist()) == rows[0]["rejected"]
-    assert tok.img_start_id in chosen.input_ids[:first].tolist()  # "<image>\n" was prepended to the question
+    # "<image>\n" was prepended to the question
+    assert tok.img_start_id in chosen.input_ids[:first].tolist()
 
 
 @pytest.mark.parametrize("broken,message", [
@@ -173,8 +182,8 @@ def test_bad_preference_lines_name_file_and_line(world, broken, message):
 
 
 def mpo(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "mpo.py"), *map(str, argv)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "mpo.py"), *map(str, argv)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
 def losses(out_dir) -> list[dict]:
@@ -182,7 +191,8 @@ def losses(out_dir) -> list[dict]:
 
 
 def test_mpo_trains_logs_and_resumes_exactly(world, start, tmp_path):
-    meta = write_pairs(world, pairs_from_world(world, 2))  # the same two pairs every step: margins must grow
+    # the same two pairs every step: margins must grow
+    meta = write_pairs(world, pairs_from_world(world, 2))
     common = ["--init-from", start, "--data", meta, "--steps", 4, "--batch-size", 2, "--lr", 1e-3,
               "--log-interval", 1, "--ckpt-interval", 2, "--max-seq-len", 1024]
     full = mpo(*common, "--out-dir", tmp_path / "full")
@@ -203,14 +213,16 @@ def test_mpo_trains_logs_and_resumes_exactly(world, start, tmp_path):
     again = losses(tmp_path / "part")
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     for a, b in zip(recs, again):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["delta"] == pytest.approx(b["delta"], abs=1e-7)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["delta"] == pytest.approx(b["delta"], abs=1e-7)
 
 
 def test_mpo_bad_input_is_one_line_error(world, start, tmp_path):
     rows = pairs_from_world(world, 3)
     rows[2].pop("rejected")
     meta = write_pairs(world, rows, "bad_cli")
-    r = mpo("--init-from", start, "--data", meta, "--steps", 2, "--batch-size", 3, "--out-dir", tmp_path)
+    r = mpo("--init-from", start, "--data", meta, "--steps", 2, "--batch-size", 3,
+            "--out-dir", tmp_path)
     assert r.returncode != 0
     assert "pairs.jsonl:3:" in r.stderr and "'rejected'" in r.stderr and "Traceback" not in r.stderr
     r = mpo("--data", meta)

@@ -1,19 +1,23 @@
 """
-Parity with the reference: transformers' InternVLForConditionalGeneration on small random checkpoints.
+Parity with the reference: transformers' InternVLForConditionalGeneration on small random
+checkpoints.
 
     python -m pytest -q tests/test_parity.py
 
-Both layouts (transformers' own -hf save, and the original OpenGVLab layout made by inverting SPEC §2.5), tied and
-untied heads, and the 6B-style ViT (RMSNorm, qk-norm, no qkv bias); real 448-px tiles, 1 tile and several.
-Checks: fp32 logits within 1e-4, greedy generation of 24 tokens identical, and our -hf export loads in transformers.
+Both layouts (transformers' own -hf save, and the original OpenGVLab layout made by inverting the
+key renames of transformers' convert_internvl_weights_to_hf.py), tied and untied heads, and the
+6B-style ViT (RMSNorm, qk-norm, no qkv bias); real 448-px tiles, 1 tile and several. Checks: fp32
+logits within 1e-4, greedy generation of 24 tokens identical, and our -hf export loads in
+transformers.
 """
 
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers is the reference; install the [test] extra")
+transformers = pytest.importorskip("transformers",
+                                   reason="transformers is the reference; install the [test] extra")
 
-from hf_reference import IMAGE_TOKEN_ID, make_reference  # noqa: E402
+from experiments.hf_reference import IMAGE_TOKEN_ID, make_reference  # noqa: E402
 from nanovl3.generate import generate  # noqa: E402
 from nanovl3.model import InternVL  # noqa: E402
 
@@ -41,14 +45,16 @@ def make_inputs(n_tiles, seed=0, tokens_per_tile=256):
 @pytest.mark.parametrize("n_tiles", [1, 3])
 def test_logits_match(reference, layout, n_tiles):
     ref, hf_dir, orig_dir = reference
-    model = InternVL.from_pretrained(hf_dir if layout == "hf" else orig_dir, dtype=torch.float32, device="cpu")
+    model = InternVL.from_pretrained(hf_dir if layout == "hf" else orig_dir, dtype=torch.float32,
+                                     device="cpu")
     ids, pix = make_inputs(n_tiles)
     with torch.no_grad():
         expected = ref(input_ids=ids, pixel_values=pix).logits
         got = model(ids, pix)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4
-    # the check is only worth something if the image moves the logits (weights are scaled so every part matters)
+    # the check is only worth something if the image moves the logits (weights are scaled so every
+    # part matters)
     with torch.no_grad():
         other = model(ids, torch.randn_like(pix))
     assert (other - got)[0, -12:].abs().max().item() > 1e-2
@@ -58,18 +64,20 @@ def test_logits_match(reference, layout, n_tiles):
 @pytest.mark.parametrize("n_tiles", [1, 3])
 def test_greedy_generation_matches(reference, layout, n_tiles):
     ref, hf_dir, orig_dir = reference
-    model = InternVL.from_pretrained(hf_dir if layout == "hf" else orig_dir, dtype=torch.float32, device="cpu")
+    model = InternVL.from_pretrained(hf_dir if layout == "hf" else orig_dir, dtype=torch.float32,
+                                     device="cpu")
     ids, pix = make_inputs(n_tiles, seed=1)
     n_new = 24
     with torch.no_grad():
-        expected = ref.generate(input_ids=ids, pixel_values=pix, max_new_tokens=n_new, min_new_tokens=n_new,
-                                do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.size(1):].tolist()
+        expected = ref.generate(input_ids=ids, pixel_values=pix, max_new_tokens=n_new,
+                                min_new_tokens=n_new, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, ids.size(1):].tolist()
     got = generate(model, [ids[0].tolist()], pix, max_new_tokens=n_new)[0]
     assert len(expected) == n_new
     assert got == expected
     if not reference[0].config.tie_word_embeddings:
-        # a repeat of one token would prove little; a random *tied* head always predicts the input token back,
-        # so there only exact equality is checked
+        # a repeat of one token would prove little; a random *tied* head always predicts the input
+        # token back, so there only exact equality is checked
         assert len(set(got)) > 3
 
 
@@ -80,7 +88,8 @@ def test_hf_export_loads_in_transformers(reference, tmp_path):
     back = transformers.InternVLForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     ids, pix = make_inputs(2, seed=2)
     with torch.no_grad():
-        assert (back(input_ids=ids, pixel_values=pix).logits - model(ids, pix)).abs().max().item() <= 1e-4
+        diff = back(input_ids=ids, pixel_values=pix).logits - model(ids, pix)
+        assert diff.abs().max().item() <= 1e-4
     # and our original-layout export loads back into nanovl3 unchanged
     model.save_pretrained(tmp_path / "orig", layout="original")
     again = InternVL.from_pretrained(tmp_path / "orig", dtype=torch.float32)

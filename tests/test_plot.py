@@ -1,22 +1,22 @@
-"""data/plot.py: the charts the README embeds are drawn where the numbers say, and bad input is refused by name."""
+"""experiments/plot.py: the charts the README embeds are drawn where the numbers say, and bad input
+is refused by name."""
 
 import math
 import os
-import sys
 
 import pytest
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
-import plot  # noqa: E402
+from experiments import plot
 
 
 def pixels_of(img, colour):
-    return [(x, y) for y in range(img.height) for x in range(img.width) if img.getpixel((x, y)) == colour]
+    return [(x, y) for y in range(img.height) for x in range(img.width)
+            if img.getpixel((x, y)) == colour]
 
 
 def bar_heights(img, colour):
-    """Height in pixels of each bar of one colour, left to right (a run of adjacent columns is one bar)."""
+    """Height in pixels of each bar of one colour, left to right (adjacent columns form a bar)."""
     cols = {}
     for x, y in pixels_of(img, colour):
         if y > 60:   # below the legend
@@ -48,8 +48,10 @@ def test_bar_heights_follow_values(tmp_path):
 
 def test_line_chart_draws_each_series(tmp_path):
     path = tmp_path / "lines.png"
-    plot.line_chart(path, "best-of-n", [1, 2, 4, 8], {"prm": [50, 55, 60, 62], "majority": [50, 52, float("nan"), 54]},
-                    errors={"prm": [1, 1, 1, 1]}, xlabel="N", ylabel="%", xticklabels=["1", "2", "4", "8"])
+    plot.line_chart(path, "best-of-n", [1, 2, 4, 8],
+                    {"prm": [50, 55, 60, 62], "majority": [50, 52, float("nan"), 54]},
+                    errors={"prm": [1, 1, 1, 1]}, xlabel="N", ylabel="%",
+                    xticklabels=["1", "2", "4", "8"])
     img = Image.open(path).convert("RGB")
     prm, maj = pixels_of(img, plot.PALETTE[0]), pixels_of(img, plot.PALETTE[1])
     assert prm and maj

@@ -1,5 +1,6 @@
 """
-data/reasoning.py: the preference pairs, the Best-of-N table, and a whole tiny run of every stage (so it cannot rot).
+experiments/reasoning.py: the preference pairs, the Best-of-N table, and a whole tiny run of every
+stage (so it cannot rot).
 
     python -m pytest -q tests/test_reasoning.py
 """
@@ -11,10 +12,10 @@ import sys
 
 import pytest
 
+from experiments import reasoning
 from nanovl3.critic import is_correct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import reasoning  # noqa: E402  (data/ is on sys.path: conftest.py)
 
 
 def answer(steps: str, x) -> str:
@@ -23,9 +24,10 @@ def answer(steps: str, x) -> str:
 
 def test_pairs_put_right_answers_first_and_never_repeat():
     rollouts = [{"image": ["a.png"], "question": "<image>\nq", "answer": "4",
-                 "answers": [answer("2 + 2 = 4.", 4), answer("2 + 2 = 5.", 5), answer("2 + 1 = 3.", 3),
-                             answer("2 + 2 = 4.", 4)]},
-                {"image": ["b.png"], "question": "<image>\nq", "answer": "1", "answers": [answer("x", 1)] * 3}]
+                 "answers": [answer("2 + 2 = 4.", 4), answer("2 + 2 = 5.", 5),
+                             answer("2 + 1 = 3.", 3), answer("2 + 2 = 4.", 4)]},
+                {"image": ["b.png"], "question": "<image>\nq", "answer": "1",
+                 "answers": [answer("x", 1)] * 3}]
     pairs = reasoning.make_pairs(rollouts, pairs_per_question=2, seed=0)
     assert len(pairs) == 1  # one distinct right answer; the second question has no wrong one
     assert is_correct(pairs[0]["chosen"], "4") and not is_correct(pairs[0]["rejected"], "4")
@@ -35,29 +37,34 @@ def test_pairs_put_right_answers_first_and_never_repeat():
 def test_grade_steps_rejects_a_right_answer_its_steps_do_not_give():
     q = "<image>\nIf you add 1 more shape, how many shapes will there be? Think step by step."
     good = "There are 2 shapes in the image.\n\n2 + 1 = 3.\n\nThe answer is 3."
-    lucky = "There are 4 shapes in the image.\n\n2 + 1 = 3.\n\nThe answer is 3."  # right total, wrong chain
+    lucky = "There are 4 shapes in the image.\n\n2 + 1 = 3.\n\nThe answer is 3."  # wrong chain
     wrong = "There are 4 shapes in the image.\n\n4 + 1 = 5.\n\nThe answer is 5."
     item = {"image": ["a.png"], "question": q, "answer": "3", "answers": [lucky, good, wrong]}
     assert reasoning.solved(lucky, item, "answer") and not reasoning.solved(lucky, item, "steps")
     assert reasoning.solved(good, item, "steps") and not reasoning.solved(wrong, item, "answer")
-    # "answer": either right answer may be chosen; "steps": only the one its steps give. Rejected: the wrong one
-    assert {p["chosen"] for p in reasoning.make_pairs([item], 2, seed=0, grade="answer")} <= {good, lucky}
+    # "answer": either right answer may be chosen; "steps": only the one its steps give. Rejected:
+    # the wrong one
+    chosen = {p["chosen"] for p in reasoning.make_pairs([item], 2, seed=0, grade="answer")}
+    assert chosen <= {good, lucky}
     pairs = reasoning.make_pairs([item], 2, seed=0, grade="steps")
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [(good, wrong)]
 
 
 def test_mc_labels_end_each_conversation_at_its_first_minus(monkeypatch):
-    """Monte-Carlo labels with a fake sampler: a continuation reaches the right answer unless its prefix holds a
-    wrong count. The wrong answer's conversation must stop at that step (no "-" ever sits in an earlier turn)."""
+    """Monte-Carlo labels with a fake sampler: a continuation reaches the right answer unless its
+    prefix holds a wrong count. The wrong answer's conversation must stop at that step (no "-" ever
+    sits in an earlier turn)."""
     def fake_sample(model, tok, out, jobs, n, temperature, seed, max_new_tokens=96):
-        return [[prefix + ("\n\nThe answer is 3." if "There are 2" in prefix and "1 = 4" not in prefix
-                           else "\n\nThe answer is 5.")] * n for _, prefix in jobs]
+        def end(prefix):
+            right = "There are 2" in prefix and "1 = 4" not in prefix
+            return "\n\nThe answer is 3." if right else "\n\nThe answer is 5."
+        return [[prefix + end(prefix)] * n for _, prefix in jobs]
     monkeypatch.setattr(reasoning, "sample", fake_sample)
     right = "There are 2 shapes in the image.\n\n2 + 1 = 3.\n\nThe answer is 3."
-    slip = "There are 2 shapes in the image.\n\n2 + 1 = 4.\n\nThe answer is 4."  # right count, then a slip
+    slip = "There are 2 shapes in the image.\n\n2 + 1 = 4.\n\nThe answer is 4."  # a slip
     miscount = "There are 4 shapes in the image.\n\n4 + 1 = 5.\n\nThe answer is 5."
-    roll = {"image": ["a.png"], "question": "<image>\nIf you add 1 more shape, how many?", "answer": "3",
-            "answers": [right, slip, miscount]}
+    roll = {"image": ["a.png"], "question": "<image>\nIf you add 1 more shape, how many?",
+            "answer": "3", "answers": [right, slip, miscount]}
     rows = reasoning.mc_labels(None, None, None, [roll], per_question=2, m=2, seed=0)
     got = {}
     for row in rows:
@@ -83,11 +90,12 @@ def test_best_of_n_table_counts_disjoint_groups():
 
 
 def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "reasoning.py"), "--sft", str(untrained_ckpt),
-                        "--out", str(tmp_path), "--n-train", "4", "--n-eval", "3", "--rollouts", "2",
-                        "--mpo-steps", "2", "--prm-steps", "2", "--mc", "1", "--max-new-tokens", "12",
-                        "--reference-chosen", "--dntp"],  # a random model is never right: reference answers
-                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "experiments.reasoning", "--sft", str(untrained_ckpt),
+                        "--out", str(tmp_path), "--n-train", "4", "--n-eval", "3",
+                        "--rollouts", "2", "--mpo-steps", "2", "--prm-steps", "2", "--mc", "1",
+                        "--max-new-tokens", "12",
+                        "--reference-chosen",  # a random model is never right: reference answers
+                        "--dntp"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.load(open(tmp_path / "results.json"))
     assert set(res["greedy"]) == {"sft", "mpo"} and res["questions"] == {"train": 4, "eval": 3}

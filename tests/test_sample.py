@@ -1,5 +1,5 @@
 """
-sample.py end to end on a small saved checkpoint with its own tokenizer.json, and its handling of bad input.
+sample.py end to end on a small saved checkpoint with its own tokenizer.json; bad input handling.
 
     python -m pytest -q tests/test_sample.py
 """
@@ -21,8 +21,9 @@ from nanovl3.image import load_image
 from nanovl3.model import InternVL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXTS = ["What colour is the circle? It is red.", "How many shapes are there? There are three shapes.",
-         "The answer is 5.", "a blue square and a green star"] * 20
+TEXTS = ["What colour is the circle? It is red.",
+         "How many shapes are there? There are three shapes.", "The answer is 5.",
+         "a blue square and a green star"] * 20
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,8 @@ def ckpt(tmp_path_factory):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
 def test_stdout_is_only_the_response(ckpt):
@@ -52,17 +53,19 @@ def test_stdout_is_only_the_response(ckpt):
     # the same answer computed in-process
     model = InternVL.from_pretrained(ckpt / "ckpt")
     tok = Tokenizer.from_dir(ckpt / "ckpt")
-    pix = load_image(ckpt / "red.png", max_num=model.cfg.max_dynamic_patch, image_size=model.cfg.vision.image_size)
+    pix = load_image(ckpt / "red.png", max_num=model.cfg.max_dynamic_patch,
+                     image_size=model.cfg.vision.image_size)
     ids = tok.encode(render_prompt("What colour is it?", [pix.size(0)], model.cfg.num_image_token))
     new = generate(model, [ids], pix, max_new_tokens=12, stop_ids=tok.stop_ids)[0]
     assert r.stdout == tok.decode(new) + "\n"
-    assert "<|im_start|>assistant" in r.stderr and "<|im_start|>" not in r.stdout  # --show-prompt goes to stderr
+    # --show-prompt goes to stderr
+    assert "<|im_start|>assistant" in r.stderr and "<|im_start|>" not in r.stdout
     assert "tokens/s" in r.stderr
 
 
 def test_text_only_prompt(ckpt):
-    r = run("--ckpt", ckpt / "ckpt", "--prompt", "How many shapes?", "--max-new-tokens", 5, "--temperature", 0.8,
-            "--top-p", 0.9, "--top-k", 20, "--seed", 3)
+    r = run("--ckpt", ckpt / "ckpt", "--prompt", "How many shapes?", "--max-new-tokens", 5,
+            "--temperature", 0.8, "--top-p", 0.9, "--top-k", 20, "--seed", 3)
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("\n")
 
@@ -75,7 +78,8 @@ def bad_checkpoints(ckpt, tmp):
     out["empty dir"] = (tmp / "empty", "no config.json")
     for name, mutate, msg in [
         ("corrupt", lambda p: p.write_bytes(b"\x00garbage" * 10), "corrupt or truncated"),
-        ("truncated", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "corrupt or truncated"),
+        ("truncated", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+         "corrupt or truncated"),
     ]:
         d = tmp / name
         shutil.copytree(good, d)
@@ -91,7 +95,8 @@ def bad_checkpoints(ckpt, tmp):
     return out
 
 
-@pytest.mark.parametrize("case", ["missing dir", "empty dir", "corrupt", "truncated", "unsupported llm"])
+@pytest.mark.parametrize("case", ["missing dir", "empty dir", "corrupt", "truncated",
+                                  "unsupported llm"])
 def test_bad_checkpoint(ckpt, tmp_path, case):
     path, msg = bad_checkpoints(ckpt, tmp_path)[case]
     r = run("--ckpt", path, "--prompt", "hi")
@@ -107,7 +112,8 @@ def test_bad_images_and_prompts(ckpt, tmp_path):
         (["--image", tmp_path / "notimage.png"], "notimage.png"),
         (["--image", tmp_path / "truncated.png"], "truncated.png"),
         (["--image", tmp_path / "missing.png"], "missing.png"),
-        (["--image", ckpt / "red.png", "--prompt", "<image> and <image>?"], "2 <image> tags but 1 images"),
+        (["--image", ckpt / "red.png", "--prompt", "<image> and <image>?"],
+         "2 <image> tags but 1 images"),
         (["--max-new-tokens", 5000], "prompt too long"),
     ]
     for extra, msg in cases:
@@ -128,39 +134,44 @@ def assert_one_line_error(r, msg):
 
 
 def best_of_expected(ckpt, prompt, critic_spec, n=4, max_new_tokens=8):
-    """The answer sample.py --best-of n should print, computed in-process (seed 0, temperature 1)."""
+    """What sample.py --best-of n should print, computed in-process (seed 0, temperature 1)."""
     from nanovl3.critic import best_of_n, load_critic, score_responses
     model = InternVL.from_pretrained(ckpt / "ckpt")
     tok = Tokenizer.from_dir(ckpt / "ckpt")
-    pix = load_image(ckpt / "red.png", max_num=model.cfg.max_dynamic_patch, image_size=model.cfg.vision.image_size)
+    pix = load_image(ckpt / "red.png", max_num=model.cfg.max_dynamic_patch,
+                     image_size=model.cfg.vision.image_size)
     ids = tok.encode(render_prompt(prompt, [pix.size(0)], model.cfg.num_image_token))
-    rows = generate(model, [ids], pix, max_new_tokens=max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids,
-                    num_samples=n)
+    rows = generate(model, [ids], pix, max_new_tokens=max_new_tokens, temperature=1.0,
+                    stop_ids=tok.stop_ids, num_samples=n)
     answers = [tok.decode(r) for r in rows]
-    # the prompt has no <image> tag: render_prompt puts the one image first, and so does the critic's question
-    scores = score_responses(load_critic(critic_spec), "<image>\n" + prompt, answers, pix, [pix.size(0)])
+    # no <image> tag: render_prompt puts the one image first, and so does the critic's question
+    scores = score_responses(load_critic(critic_spec), "<image>\n" + prompt, answers, pix,
+                             [pix.size(0)])
     return answers, scores, best_of_n(scores)
 
 
 @pytest.mark.parametrize("critic", ["majority", "prm", "outcome", "vote"])
 def test_best_of(ckpt, critic):
-    spec = {"majority": "majority", "prm": str(ckpt / "ckpt"), "outcome": f"outcome:{ckpt / 'ckpt'}",
-            "vote": f"vote:{ckpt / 'ckpt'}"}[critic]
+    spec = {"majority": "majority", "prm": str(ckpt / "ckpt"),
+            "outcome": f"outcome:{ckpt / 'ckpt'}", "vote": f"vote:{ckpt / 'ckpt'}"}[critic]
     r = run("--ckpt", ckpt / "ckpt", "--image", ckpt / "red.png", "--prompt", "What colour is it?",
-            "--max-new-tokens", 8, "--best-of", 4, "--temperature", 1, "--critic", spec, "--show-scores")
+            "--max-new-tokens", 8, "--best-of", 4, "--temperature", 1, "--critic", spec,
+            "--show-scores")
     assert r.returncode == 0, r.stderr
     answers, scores, best = best_of_expected(ckpt, "What colour is it?", spec)
     assert r.stdout == answers[best] + "\n"  # only the chosen answer on stdout
     listed = [line for line in r.stderr.splitlines() if "candidate" in line and "score" in line]
     assert len(listed) == 4
     for i, line in enumerate(listed):
-        assert f"candidate {i}: score {scores[i]:.4f}" in line and line.startswith("*" if i == best else " ")
+        assert (f"candidate {i}: score {scores[i]:.4f}" in line
+                and line.startswith("*" if i == best else " "))
 
 
 def test_best_of_errors(ckpt, tmp_path):
     good = ckpt / "ckpt"
     assert_one_line_error(run("--ckpt", good, "--prompt", "hi", "--best-of", 4),
                           "--best-of 4 needs --temperature > 0")
-    assert_one_line_error(run("--ckpt", good, "--prompt", "hi", "--best-of", 0), "--best-of must be at least 1")
+    assert_one_line_error(run("--ckpt", good, "--prompt", "hi", "--best-of", 0),
+                          "--best-of must be at least 1")
     assert_one_line_error(run("--ckpt", good, "--prompt", "hi", "--best-of", 2, "--temperature", 1,
                               "--critic", tmp_path / "no-prm"), "does not exist")

@@ -1,5 +1,6 @@
 """
-Tests for data/toyworld.py: determinism, official data formats, strict chain-of-thought answers, held-out eval, speed.
+Tests for data/toyworld.py: determinism, official data formats, strict chain-of-thought answers,
+held-out eval, speed.
 
     python -m pytest -q tests/test_toyworld.py
 """
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from data import toyworld as tw
+from nanovl3.critic import final_answer, is_correct, normalise
 
-from data import toyworld as tw  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = tw.SIZES["small"]
 
@@ -40,11 +41,12 @@ def read_jsonl(path):
 
 
 def tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): tw.file_digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): tw.file_digest(p) for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 def resolve(meta_path: Path, path: str) -> Path:
-    """The documented rule: relative root / annotation paths are relative to the meta.json's directory."""
+    """The documented rule: relative root / annotation paths start at the meta.json's directory."""
     p = Path(path)
     return p if p.is_absolute() else (meta_path.parent / p).resolve()
 
@@ -53,7 +55,8 @@ def entries(meta_path: Path):
     meta = json.loads(meta_path.read_text())
     for name, e in meta.items():
         assert {"root", "annotation", "repeat_time"} <= set(e), name
-        yield name, e, resolve(meta_path, e["root"]), read_jsonl(resolve(meta_path, e["annotation"]))
+        rows = read_jsonl(resolve(meta_path, e["annotation"]))
+        yield name, e, resolve(meta_path, e["root"]), rows
 
 
 def images_of(row) -> list:
@@ -86,7 +89,8 @@ def test_idempotent_and_atomic(world):
     info = tw.generate(str(root), seed=0, **SMALL)
     assert time.time() - t0 < 0.5 and (root / "DONE").stat().st_mtime_ns == mtime
     assert info["counts"] == world["counts"]
-    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    # no temp dirs left behind
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_refuses_foreign_directory(tmp_path):
@@ -98,10 +102,10 @@ def test_refuses_foreign_directory(tmp_path):
 
 
 def test_cli_same_bytes_in_another_process(world, tmp_path):
-    # a fresh interpreter has another str-hash seed: catches set / hash ordering leaking into the files
+    # a fresh interpreter has another str-hash seed: catches set / hash ordering leaking into files
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, str(ROOT / "data" / "toyworld.py"), "--out", str(out), "--size", "small"],
-                       capture_output=True, text=True, timeout=60)
+    cmd = [sys.executable, "-m", "data.toyworld", "--out", str(out), "--size", "small"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["counts"]["eval"] == SMALL["n_eval"] * len(tw.EVAL_TYPES)
     assert tree_digest(out) == tree_digest(Path(world["root"]))
@@ -117,7 +121,8 @@ def check_turns(row):
     tags = [t["value"].count("<image>") for t in conv]
     assert sum(tags) == n_img and tags[0] == n_img  # all tags in the first human turn
     if n_img > 1:
-        assert conv[0]["value"].startswith("".join(f"Image-{i + 1}: <image>\n" for i in range(n_img)))
+        assert conv[0]["value"].startswith("".join(f"Image-{i + 1}: <image>\n"
+                                                   for i in range(n_img)))
     assert len(row["qa"]) == len(conv) // 2
     for human, gpt, qa in zip(conv[0::2], conv[1::2], row["qa"]):
         assert qa["cot"] == human["value"].endswith(tw.COT_SUFFIX)
@@ -125,11 +130,10 @@ def check_turns(row):
             steps = gpt["value"].split("\n\n")
             assert len(steps) >= 2 and all(s.strip() == s and s for s in steps)
             assert steps[-1] == f"The answer is {qa['answer']}."
-            assert tw.extract_answer(gpt["value"]) == qa["answer"]
         else:
-            assert tw.extract_answer(gpt["value"]) is None
-            assert tw.normalize_answer(gpt["value"]) == qa["answer"]
-        assert tw.parse_answer(gpt["value"]) == qa["answer"]
+            assert "The answer is" not in gpt["value"]
+            assert normalise(gpt["value"]) == qa["answer"]
+        assert final_answer(gpt["value"]) == qa["answer"] and is_correct(gpt["value"], qa["answer"])
 
 
 def test_sft_format(world):
@@ -142,7 +146,8 @@ def test_sft_format(world):
             for p in images_of(row):
                 assert (root / p).is_file(), p
             seen.add((name, len(images_of(row)), len(row["conversations"]) // 2 > 1))
-    assert ("toy_text", 0, False) in seen and ("toy_cot", 2, False) in seen  # text-only, multi-image
+    # text-only, multi-image
+    assert ("toy_text", 0, False) in seen and ("toy_cot", 2, False) in seen
     assert any(multi_turn for _, n, multi_turn in seen if n == 1)
     text = read_jsonl(Path(world["root"]) / "sft/text.jsonl")
     assert all("image" not in r and "<image>" not in json.dumps(r) for r in text)
@@ -168,7 +173,8 @@ def test_eval(world):
     items = read_jsonl(eval_file)
     types = json.loads(Path(world["eval_types"]).read_text())
     assert set(types) == {"color", "shape", "count", "count_color", "position", "arith"}
-    chance = {"color": 1 / 6, "shape": 1 / 4, "count": 1 / 5, "count_color": 1 / 4, "position": 1 / 2, "arith": 1 / 7}
+    chance = {"color": 1 / 6, "shape": 1 / 4, "count": 1 / 5, "count_color": 1 / 4,
+              "position": 1 / 2, "arith": 1 / 7}
     for t, info in types.items():
         assert info["chance"] == pytest.approx(chance[t])
         assert info["n"] == SMALL["n_eval"] == sum(it["type"] == t for it in items)
@@ -178,7 +184,8 @@ def test_eval(world):
         assert it["cot"] == (it["type"] == "arith") == it["question"].endswith(tw.COT_SUFFIX)
         assert it["question"].count("<image>") == len(images_of(it))
         for p in images_of(it):
-            assert (eval_file.parent / p).is_file(), p  # eval paths are relative to the eval file's directory
+            # eval paths are relative to the eval file's directory
+            assert (eval_file.parent / p).is_file(), p
     prompts = json.loads(Path(world["eval_prompts"]).read_text())
     assert {p["type"] for p in prompts} == set(types) | {"describe"}
     assert all((eval_file.parent / q).is_file() for p in prompts for q in images_of(p))
@@ -203,34 +210,34 @@ def test_tokenizer(world):
 # the world itself: answer helpers, scenes, rendering
 
 
-def test_answer_helpers():
-    assert tw.normalize_answer(" Red. ") == "red" and tw.normalize_answer("3") == "3"
-    assert tw.extract_answer("2 + 3 = 5.\n\nThe answer is 5.") == "5"
-    assert tw.extract_answer("2 + 3 = 5.\n\nThe answer is 5") is None
-    assert tw.extract_answer("The answer is 5.\n\nOops.") is None
-    assert tw.parse_answer("Circle.") == "circle" and tw.parse_answer("x\n\nThe answer is 7.") == "7"
+def test_answer_forms_grade_back_to_the_eval_form():
+    assert tw.short("red") == "Red." and tw.short("3") == "3."
     assert tw.cot(["a.", "b."], "4") == "a.\n\nb.\n\nThe answer is 4."
+    for answer in ("red", "circle", "3", "left", "image-1"):   # the grading rule reads both back
+        assert final_answer(tw.short(answer)) == answer
+        assert final_answer(tw.cot(["2 + 3 = 5."], answer)) == answer
 
 
 def test_steps_agree_with_the_answer():
     rng = random.Random(0)
-    for qtype in ("arith_two", "arith_add", "count_cot"):  # every reference solution agrees with itself
+    for qtype in ("arith_two", "arith_add", "count_cot"):  # each reference solution agrees
         for _ in range(30):
             _, qa = tw.build(rng, qtype)
             assert tw.steps_agree(qa["reply"], qa["question"]), qa
     add2 = "If you add 2 more shapes, how many shapes will there be? Think step by step."
     two = "There are 3 shapes in the first image.\n\nThere is 1 shape in the second image."
     count = "I count the shapes from left to right.\n\nOne: a red star.\n\nTwo: a blue circle."
-    assert tw.steps_agree("There are 3 shapes in the image.\n\n3 + 2 = 5.\n\nThe answer is 5.", add2)
+    three, skipped = "There are 3 shapes in the image.", count.replace("Two", "Three")
+    assert tw.steps_agree(f"{three}\n\n3 + 2 = 5.\n\nThe answer is 5.", add2)
     assert tw.steps_agree(f"{two}\n\n3 + 1 = 4.\n\nThe answer is 4.", "")
     assert tw.steps_agree(f"{count}\n\nThe answer is 2.", "")
-    for bad, question in [("There are 3 shapes in the image.\n\n4 + 2 = 6.\n\nThe answer is 6.", add2),  # a term
-                          ("There are 3 shapes in the image.\n\n3 + 1 = 4.\n\nThe answer is 4.", add2),  # k
+    for bad, question in [(f"{three}\n\n4 + 2 = 6.\n\nThe answer is 6.", add2),  # a term
+                          (f"{three}\n\n3 + 1 = 4.\n\nThe answer is 4.", add2),  # k
                           (f"{two}\n\n3 + 1 = 5.\n\nThe answer is 5.", ""),  # the sum
                           (f"{two}\n\n3 + 1 = 4.\n\nThe answer is 5.", ""),  # the answer
                           (f"{two}\n\n3 + 1 = 4.", ""),  # no final answer
                           (f"{count}\n\nThe answer is 3.", ""),  # the count
-                          (count.replace("Two", "Three") + "\n\nThe answer is 2.", "")]:  # a skipped number
+                          (f"{skipped}\n\nThe answer is 2.", "")]:  # a skipped number
         assert not tw.steps_agree(bad, question), bad
 
 
@@ -247,7 +254,8 @@ def test_scenes_visible_and_disjoint():
         short_side = min(scene.width, scene.height)
         for j, o in enumerate(scene.objects):
             assert o.size >= short_side / 6 - 0.1
-            assert o.size / 2 <= o.cx <= scene.width - o.size / 2 and o.size / 2 <= o.cy <= scene.height - o.size / 2
+            assert o.size / 2 <= o.cx <= scene.width - o.size / 2
+            assert o.size / 2 <= o.cy <= scene.height - o.size / 2
             assert not any(boxes_overlap(o, p) for p in scene.objects[j + 1:])
         if i % 3 == 0:
             assert {scene.side(o) for o in scene.objects} == {"left", "right"}
@@ -259,14 +267,16 @@ def test_closeups_are_one_toy_tile():
     from nanovl3.config import preset
     from nanovl3.image import find_grid
     cfg = preset("toy")
-    assert find_grid(tw.CLOSEUP, tw.CLOSEUP, 1, cfg.max_dynamic_patch, cfg.vision.image_size) == (1, 1)
+    grid = find_grid(tw.CLOSEUP, tw.CLOSEUP, 1, cfg.max_dynamic_patch, cfg.vision.image_size)
+    assert grid == (1, 1)
     rng = random.Random(0)
     sizes = []
     for _ in range(200):
         scene = tw.closeup_scene(rng, "red", "star")
         o, = scene.objects
         assert (scene.width, scene.height) == (tw.CLOSEUP, tw.CLOSEUP)
-        assert o.size / 2 <= o.cx <= tw.CLOSEUP - o.size / 2 and o.size / 2 <= o.cy <= tw.CLOSEUP - o.size / 2
+        assert o.size / 2 <= o.cx <= tw.CLOSEUP - o.size / 2
+        assert o.size / 2 <= o.cy <= tw.CLOSEUP - o.size / 2
         sizes.append(o.size / tw.CLOSEUP)
     lo, hi = tw.CLOSEUP_SIZE
     assert lo - 0.01 <= min(sizes) < lo + 0.05 and hi - 0.05 < max(sizes) <= hi + 0.01
@@ -277,7 +287,8 @@ def test_colour_and_shape_questions_use_closeups(world):
     eval_file = Path(world["eval_file"])
     for it in read_jsonl(eval_file):
         size = Image.open(eval_file.parent / images_of(it)[0]).size
-        assert (size == (tw.CLOSEUP, tw.CLOSEUP)) == (it["type"] in ("color", "shape")), (it["type"], size)
+        closeup = size == (tw.CLOSEUP, tw.CLOSEUP)
+        assert closeup == (it["type"] in ("color", "shape")), (it["type"], size)
     root = Path(world["root"])
     closeups = read_jsonl(root / "sft/closeup.jsonl")
     assert {qa["type"] for r in closeups for qa in r["qa"]} == {"color", "shape"}

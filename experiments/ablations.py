@@ -1,35 +1,41 @@
 """
-Toy reproductions of the papers' claims: each is a small controlled experiment on the toy world, run with the
-project's own train.py / data/reasoning.py (no second training loop), over several seeds, into one JSON table
-and one Pillow plot per claim.
+Toy reproductions of the papers' claims: each is a small controlled experiment on the toy world, run
+with the project's own train.py / experiments/reasoning.py (no second training loop), over several
+seeds, into one JSON table and one Pillow plot per claim. Run from the repository root:
 
-    python data/ablations.py --quick                 # every ablation, reduced, on a 2-core CPU (<= 30 min)
-    python data/ablations.py                         # the full form (default toy recipe per arm, 3 seeds): one GPU
-    python data/ablations.py --jobs 8                # the same, 8 arms at once (for a GPU: one toy arm leaves it idle)
-    python data/ablations.py --only loss,jpeg --seeds 0,1,2 --out runs/abl
-    python data/ablations.py --only v2pe --set odd_sft=1200 --out runs/abl_long   # one count of the size changed
-    python data/ablations.py --quick --out runs/abl_quick --publish data/results/ablations_quick   # + a copy there
+    python -m experiments.ablations --quick   # every ablation, reduced, 2-core CPU (<= 30 min)
+    python -m experiments.ablations           # the full form (toy recipe per arm, 3 seeds): a GPU
+    python -m experiments.ablations --jobs 8  # the same, 8 arms at once (one toy arm idles a GPU)
+    python -m experiments.ablations --only loss,jpeg --seeds 0,1,2 --out runs/abl
+    python -m experiments.ablations --only v2pe --set odd_sft=1200 --out runs/abl_long  # one count
+    python -m experiments.ablations --quick --out runs/abl_quick \\
+        --publish experiments/results/ablations_quick   # + a copy of results, plots there
 
 Ablations (--only picks some):
-  native  InternVL3 §2.2, native vs post-hoc: (a) pre-training updates every parameter on interleaved image-text
-          + pure text; (b) the LLM is first trained on text alone, then the vision side is attached and warmed up
-          with the LLM frozen (half the steps each: the same tokens). Both then get the same SFT. Held-out VQA
-          accuracy and pure-text perplexity.
-  v2pe    InternVL3 Table 12, the V2PE step δ: fine-tuned from the same native checkpoint on a multi-image task
-          ("Which colour is in only one picture?" over 3-4 close-ups) with δ in {1, 1/4, 1/16, 1/256}
-          or random per image; evaluated on 4, 8 and 16 pictures, longer than any training sample. Fixed-δ arms
-          are evaluated at their δ, the random arm at each of the four (the paper's table). The paper applies V2PE
-          in pre-training; here δ is applied in the fine-tuning on the task, from the shared native checkpoint.
-  loss    InternVL2.5 §4, loss averaging: SFT with token, sample and square averaging on the toy mix, whose answers
-          are one word (VQA) or a 5-10 line chain of thought (arithmetic); accuracy on short and on long answers.
-  jpeg    InternVL2.5 §4, random JPEG compression (quality 75-100) in SFT, on and off; evaluated on the held-out
-          pictures as they are and re-encoded as JPEG at quality 40 and 10.
-  mpo     MPO vs SFT only, and Best-of-N with the toy VisualPRM (data/reasoning.py on each seed's SFT checkpoint).
-Arms are cached: one whose directory holds a DONE file with the same command is not run again (--redo: rerun all).
-An arm that several ablations share (pt_native, sft_native) is trained once; with --jobs N, the ablations and seeds
-run side by side, each waiting for the arms it needs, N arms training at a time; evaluation stays one at a time.
-Writes <out>/results.json (per arm and seed, mean and spread over seeds, wall times), <out>/<ablation>.png and
-<out>/results.md (the README's table: each paper claim, the toy comparison, agree or not; --report redraws them).
+  native  InternVL3 §2.2, native vs post-hoc: (a) pre-training updates every parameter on
+          interleaved image-text + pure text; (b) the LLM is first trained on text alone, then the
+          vision side is attached and warmed up with the LLM frozen (half the steps each: the same
+          tokens). Both then get the same SFT. Held-out VQA accuracy and pure-text perplexity.
+  v2pe    InternVL3 Table 12, the V2PE step δ: fine-tuned from the same native checkpoint on a
+          multi-image task ("Which colour is in only one picture?" over 3-4 close-ups) with δ in
+          {1, 1/4, 1/16, 1/256} or random per image; evaluated on 4, 8 and 16 pictures, longer than
+          any training sample. Fixed-δ arms are evaluated at their δ, the random arm at each of the
+          four (the paper's table). The paper applies V2PE in pre-training; here δ is applied in the
+          fine-tuning on the task, from the shared native checkpoint.
+  loss    InternVL2.5 §4, loss averaging: SFT with token, sample and square averaging on the toy
+          mix, whose answers are one word (VQA) or a 5-10 line chain of thought (arithmetic);
+          accuracy on short and on long answers.
+  jpeg    InternVL2.5 §4, random JPEG compression (quality 75-100) in SFT, on and off; evaluated on
+          the held-out pictures as they are and re-encoded as JPEG at quality 40 and 10.
+  mpo     MPO vs SFT only, and Best-of-N with the toy VisualPRM (experiments/reasoning.py on each
+          seed's SFT checkpoint).
+Arms are cached: one whose directory holds a DONE file with the same command is not run again
+(--redo: rerun all). An arm that several ablations share (pt_native, sft_native) is trained once;
+with --jobs N, the ablations and seeds run side by side, each waiting for the arms it needs, N arms
+training at a time; evaluation stays one at a time.
+Writes <out>/results.json (per arm and seed, mean and spread over seeds, wall times),
+<out>/<ablation>.png and <out>/results.md (the README's table: each paper claim, the toy comparison,
+agree or not; --report redraws them).
 """
 
 import argparse
@@ -49,37 +55,40 @@ from statistics import mean, pstdev
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "data"))
-import plot  # noqa: E402
-import toyworld  # noqa: E402
-from nanovl3.chat import Tokenizer  # noqa: E402
-from nanovl3.common import UserError, atomic_path, user_errors  # noqa: E402
-from nanovl3.data import read_jsonl  # noqa: E402
-from nanovl3.image import jpeg_roundtrip  # noqa: E402
-from nanovl3.model import InternVL  # noqa: E402
-from nanovl3.training import evaluate, load_eval_items, text_perplexity  # noqa: E402
+from data import toyworld
+from experiments import plot
+from nanovl3.chat import Tokenizer
+from nanovl3.common import UserError, atomic_path, read_jsonl, user_errors, write_json, write_jsonl
+from nanovl3.evaluate import evaluate, load_eval_items, text_perplexity
+from nanovl3.image import jpeg_roundtrip
+from nanovl3.model import InternVL
+
+ROOT = Path(__file__).resolve().parent.parent   # the repository root: where the arms run
 
 ABLATIONS = ["native", "v2pe", "loss", "jpeg", "mpo"]
-# steps of each kind of run; eval questions per type; seeds; data/reasoning.py sizes
+# steps of each kind of run; eval questions per type; seeds; experiments/reasoning.py sizes
 SIZES = {
-    "smoke": dict(pretrain=2, sft=2, odd_sft=2, odd_train=20, eval_per_type=2, odd_eval=2, seeds="0,1",
-                  reasoning=["--n-train", "4", "--n-eval", "3", "--rollouts", "2", "--mpo-steps", "2", "--prm-steps",
-                             "2", "--mc", "1", "--max-new-tokens", "12", "--reference-chosen"]),
-    "quick": dict(pretrain=120, sft=300, odd_sft=150, odd_train=3000, eval_per_type=40, odd_eval=40, seeds="0,1",
-                  reasoning=["--n-train", "100", "--n-eval", "80", "--mpo-steps", "40", "--prm-steps", "80",
-                         "--mc", "2"]),
-    "full": dict(pretrain=250, sft=2300, odd_sft=600, odd_train=6000, eval_per_type=100, odd_eval=100, seeds="0,1,2",
-                 reasoning=[]),
+    "smoke": dict(pretrain=2, sft=2, odd_sft=2, odd_train=20, eval_per_type=2, odd_eval=2,
+                  seeds="0,1",
+                  reasoning=["--n-train", "4", "--n-eval", "3", "--rollouts", "2",
+                             "--mpo-steps", "2", "--prm-steps", "2", "--mc", "1",
+                             "--max-new-tokens", "12", "--reference-chosen"]),
+    "quick": dict(pretrain=120, sft=300, odd_sft=150, odd_train=3000, eval_per_type=40,
+                  odd_eval=40, seeds="0,1",
+                  reasoning=["--n-train", "100", "--n-eval", "80", "--mpo-steps", "40",
+                             "--prm-steps", "80", "--mc", "2"]),
+    "full": dict(pretrain=250, sft=2300, odd_sft=600, odd_train=6000, eval_per_type=100,
+                 odd_eval=100, seeds="0,1,2", reasoning=[]),
 }
 V2PE_ARMS = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/256": 1 / 256, "random": None}
-FIXED_DELTAS = {k: d for k, d in V2PE_ARMS.items() if d is not None}   # the random arm is evaluated at each
+# the arms with a fixed δ; the random arm is evaluated at each of these δ
+FIXED_DELTAS = {k: d for k, d in V2PE_ARMS.items() if d is not None}
 ODD_IMAGES = (4, 8, 16)      # pictures per evaluation question (training uses 3-4)
 ODD_QUESTION = "Which colour is in only one picture?"
-JPEG_QUALITIES = (40, 10)    # the degraded held-out pictures: harsher than the 75-100 seen in training
+# the degraded held-out pictures: harsher than the 75-100 seen in training
+JPEG_QUALITIES = (40, 10)
 SHORT_TYPES = ["color", "shape", "count", "count_color", "position"]   # one-word answers
-LONG_TYPES = ["arith"]                                                # chain of thought, "The answer is X."
+LONG_TYPES = ["arith"]   # chain of thought, "The answer is X."
 
 
 # -----------------------------------------------------------------------------
@@ -87,10 +96,11 @@ LONG_TYPES = ["arith"]                                                # chain of
 
 
 def make_odd_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
-    """The long multi-image task: "Which colour is in only one picture?" over n close-ups (one big shape on one
-    toy tile, as in the colour questions of the toy world), all of one colour but one. It needs only colour (which
-    the toy model reads best) and a look at every picture. Training questions have 3-4 pictures, evaluation ones
-    ODD_IMAGES. A pool of 20 pictures per (colour, shape) is rendered once and drawn from."""
+    """The long multi-image task: "Which colour is in only one picture?" over n close-ups (one big
+    shape on one toy tile, as in the colour questions of the toy world), all of one colour but one.
+    It needs only colour (which the toy model reads best) and a look at every picture. Training
+    questions have 3-4 pictures, evaluation ones ODD_IMAGES. A pool of 20 pictures per (colour,
+    shape) is rendered once and drawn from."""
     params = {"n_train": n_train, "n_eval": n_eval, "pictures": "closeup"}
     if toyworld.read_done(root) == params:
         return
@@ -113,32 +123,32 @@ def make_odd_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
     train = []
     for i in range(n_train):
         paths, q, a = question(rng.randint(3, 4))
-        train.append({"id": i, "image": paths, "conversations": [{"from": "human", "value": q},
-                                                                  {"from": "gpt", "value": a.capitalize() + "."}]})
+        conv = [{"from": "human", "value": q}, {"from": "gpt", "value": a.capitalize() + "."}]
+        train.append({"id": i, "image": paths, "conversations": conv})
     evals = [{"image": paths, "question": q, "answer": a, "type": f"odd_{n}", "cot": False}
              for n in ODD_IMAGES for paths, q, a in (question(n) for _ in range(n_eval))]
-    toyworld.write_jsonl(root / "train.jsonl", train)
-    toyworld.write_jsonl(root / "eval.jsonl", evals)
-    toyworld.write_json(root / "meta.json", {"toy_odd": {"root": ".", "annotation": "train.jsonl", "repeat_time": 1,
-                                                         "data_augment": False, "max_dynamic_patch": 1,
-                                                         "length": len(train)}})
-    toyworld.write_json(root / "DONE", params)
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "eval.jsonl", evals)
+    write_json(root / "meta.json", {"toy_odd": {
+        "root": ".", "annotation": "train.jsonl", "repeat_time": 1, "data_augment": False,
+        "max_dynamic_patch": 1, "length": len(train)}})
+    write_json(root / "DONE", params)
 
 
 def make_nojpeg_meta(world: Path, out: Path) -> Path:
-    """The toy SFT meta.json with data_augment off everywhere (roots made absolute, so it can live elsewhere)."""
+    """The toy SFT meta.json with data_augment off everywhere (absolute roots: it can be moved)."""
     src = world / "sft" / "meta.json"
     meta = json.loads(src.read_text())
     for d in meta.values():
         d["root"] = str((src.parent / d.get("root", "")).resolve())
         d["annotation"] = str((src.parent / d["annotation"]).resolve())
         d["data_augment"] = False
-    toyworld.write_json(out / "meta.json", meta)
+    write_json(out / "meta.json", meta)
     return out / "meta.json"
 
 
 def make_jpeg_eval(world: Path, out: Path, quality: int) -> Path:
-    """The held-out questions with every picture re-encoded as JPEG at `quality` (stored as PNG: lossless)."""
+    """The held-out questions, each picture re-encoded as JPEG at `quality` (saved as PNG)."""
     if (out / "eval.jsonl").is_file():
         return out / "eval.jsonl"
     src = world / "eval"
@@ -148,7 +158,7 @@ def make_jpeg_eval(world: Path, out: Path, quality: int) -> Path:
         dst = out / path
         dst.parent.mkdir(parents=True, exist_ok=True)
         jpeg_roundtrip(Image.open(src / path), quality).save(dst)
-    toyworld.write_jsonl(out / "eval.jsonl", rows)
+    write_jsonl(out / "eval.jsonl", rows)
     return out / "eval.jsonl"
 
 
@@ -160,29 +170,33 @@ SAY = threading.Lock()
 
 
 def say(line: str):
-    """One progress line, whole: print() from two threads can interleave a line with the other's newline."""
+    """One progress line, whole: two threads' print() can splice a line into the other's newline."""
     with SAY:
         print(line, flush=True)
 
 
 class Runner:
-    """Runs the arms: each once (ablations that share an arm wait for it), at most `jobs` at a time."""
+    """Runs the arms: each once (ablations sharing an arm wait for it), at most `jobs` at a time."""
 
     def __init__(self, args, size, world: Path):
         self.args, self.size, self.world = args, size, world
         self.out = Path(args.out).resolve()
-        self.wall = {}   # arm dir -> seconds its run took (as recorded in DONE when it came from the cache)
+        # arm dir -> seconds its run took (as recorded in DONE when it came from the cache)
+        self.wall = {}
         self.lock = threading.Lock()
-        self.started = {}   # arm dir -> Future of its directory, for the ablations that ask for it while it runs
+        # arm dir -> Future of its directory, for the ablations that ask for it while it runs
+        self.started = {}
         self.slots = threading.BoundedSemaphore(args.jobs)
         self.procs, self.failed = set(), None   # running train.py processes; the first UserError
-        self.asked = threading.local()   # .dirs: the arm dirs the calling thread's ablation has asked for
-        # torch's threads split between the arms that run at once (unless OMP_NUM_THREADS says otherwise)
+        # .dirs: the arm dirs the calling thread's ablation has asked for
+        self.asked = threading.local()
+        # torch's threads split between the arms that run at once (unless OMP_NUM_THREADS says
+        # otherwise)
         threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
         self.env = os.environ if args.jobs == 1 else {"OMP_NUM_THREADS": threads, **os.environ}
 
     def run(self, name: str, seed: int, cmd: list[str]) -> Path:
-        """Run one arm into <out>/arms/<name>/s<seed> unless its DONE file records the same command."""
+        """Run one arm into <out>/arms/<name>/s<seed> unless its DONE file has the same command."""
         d = self.out / "arms" / name / f"s{seed}"
         getattr(self.asked, "dirs", set()).add(str(d))
         with self.lock:
@@ -203,7 +217,8 @@ class Runner:
             self.wall[str(d)] = cached["seconds"]
             return d
         with self.slots:
-            with self.lock:   # no arm starts after a failure, nor unseen by the failure that stops the others
+            # no arm starts after a failure, nor unseen by the failure that stops the others
+            with self.lock:
                 if self.failed:
                     raise self.failed
                 if d.exists():
@@ -212,49 +227,52 @@ class Runner:
                 say(f"[{name} s{seed}] {key}")
                 t = time.time()
                 with open(d / "log.txt", "w") as log:   # (the child keeps its own handle)
-                    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+                    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.env)
                 self.procs.add(proc)
             rc = proc.wait()
             with self.lock:
                 self.procs.discard(proc)
-                if rc != 0 and self.failed is None:   # the first failure stops the others: their exits only echo it
+                # the first failure stops the others: their exits only echo it
+                if rc != 0 and self.failed is None:
                     tail = "".join((d / "log.txt").read_text().splitlines(keepends=True)[-15:])
-                    self.failed = UserError(f"arm {name} seed {seed} failed (exit {rc}); its log {d / 'log.txt'} "
-                                            f"ends:\n{tail}")
+                    self.failed = UserError(f"arm {name} seed {seed} failed (exit {rc}); "
+                                            f"its log {d / 'log.txt'} ends:\n{tail}")
                     for p in self.procs:
                         p.terminate()
             if rc != 0:
                 raise self.failed
         seconds = round(time.time() - t, 1)
         self.wall[str(d)] = seconds
-        with atomic_path(str(done)) as tmp, open(tmp, "w") as f:
-            json.dump({"command": key, "seconds": seconds}, f)
+        write_json(done, {"command": key, "seconds": seconds})
         say(f"[{name} s{seed}] {seconds:.0f}s")
         return d
 
     def train(self, name: str, seed: int, *flags) -> Path:
         a, s = self.args, self.size
-        base = ["train.py", "--seed", str(seed), "--preset", a.preset, "--data-dir", str(self.world),
-                "--eval-per-type", "0", "--log-interval",
+        base = ["train.py", "--seed", str(seed), "--preset", a.preset, "--data-dir",
+                str(self.world), "--eval-per-type", "0", "--log-interval",
                 str(max(1, s["sft"] // 8)), "--ckpt-interval", "100000"]
         if a.device:
             base += ["--device", a.device]
-        return self.run(name, seed, base + [str(f) for f in flags] + ["--out-dir", str(self.out / "arms" / name /
-                                                                                      f"s{seed}")])
+        out_dir = self.out / "arms" / name / f"s{seed}"
+        return self.run(name, seed, base + [str(f) for f in flags] + ["--out-dir", str(out_dir)])
 
     # the arms, by name; each returns its directory (checkpoint in <dir>/ckpt)
     def pt_native(self, seed):
-        return self.train("pt_native", seed, "--stage", "pretrain", "--pretrain-steps", self.size["pretrain"])
+        return self.train("pt_native", seed, "--stage", "pretrain", "--pretrain-steps",
+                          self.size["pretrain"])
 
     def pt_posthoc(self, seed):
         half = max(1, self.size["pretrain"] // 2)
-        text = self.train("pt_text_only", seed, "--stage", "pretrain", "--pretrain-steps", half, "--text-ratio", 1)
-        return self.train("pt_posthoc", seed, "--stage", "pretrain", "--pretrain-steps", half, "--text-ratio", 0,
-                          "--init-from", text / "ckpt", "--freeze", "llm")
+        text = self.train("pt_text_only", seed, "--stage", "pretrain", "--pretrain-steps", half,
+                          "--text-ratio", 1)
+        return self.train("pt_posthoc", seed, "--stage", "pretrain", "--pretrain-steps", half,
+                          "--text-ratio", 0, "--init-from", text / "ckpt", "--freeze", "llm")
 
     def sft(self, name, seed, init: Path, *flags):
-        return self.train(name, seed, "--stage", "sft", "--sft-steps", self.size["sft"], "--init-from",
-                          init / "ckpt", *flags)
+        return self.train(name, seed, "--stage", "sft", "--sft-steps", self.size["sft"],
+                          "--init-from", init / "ckpt", *flags)
 
     def sft_native(self, seed):   # the default recipe: square averaging, JPEG augmentation
         return self.sft("sft_native", seed, self.pt_native(seed))
@@ -264,8 +282,8 @@ class Runner:
 # evaluation (in this process, cached next to each checkpoint)
 
 
-# the work done in this process (making data, evaluating) goes one ablation at a time: the seeds share the data,
-# the ablations share evaluations, and the training subprocesses have the cores
+# the work done in this process (making data, evaluating) goes one ablation at a time: the seeds
+# share the data, the ablations share evaluations, and the training subprocesses have the cores
 IN_PROCESS = threading.Lock()
 
 
@@ -275,8 +293,7 @@ def evaluated(arm: Path, what: str, fn) -> dict:
         if path.is_file():
             return json.loads(path.read_text())
         res = fn()
-        with atomic_path(str(path)) as tmp, open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(path, res)
         return res
 
 
@@ -285,11 +302,13 @@ def load(arm: Path, device):
     return model, Tokenizer.from_dir(str(arm / "ckpt"))
 
 
-def accuracy(arm: Path, what: str, eval_file: Path, per_type: int, device, v2pe_delta: float = 1.0) -> dict:
+def accuracy(arm: Path, what: str, eval_file: Path, per_type: int, device,
+             v2pe_delta: float = 1.0) -> dict:
     """{type: accuracy} on an eval.jsonl (the first per_type questions of each type)."""
     def fn():
         model, tok = load(arm, device)
-        res = evaluate(model, tok, load_eval_items(str(eval_file)), max_per_type=per_type, v2pe_delta=v2pe_delta)
+        res = evaluate(model, tok, load_eval_items(str(eval_file)), max_per_type=per_type,
+                       v2pe_delta=v2pe_delta)
         return {k: r["accuracy"] for k, r in res["types"].items()}
     return evaluated(arm, what, fn)
 
@@ -302,14 +321,14 @@ def perplexity(arm: Path, text_file: Path, device) -> float:
 
 
 def summarise(per_seed: dict) -> dict:
-    """{metric: [value per seed]} -> {metric: {"mean", "spread" (population std over seeds), "seeds"}}."""
+    """{metric: [value per seed]} -> {metric: {"mean", "spread" (population std), "seeds"}}."""
     return {k: {"mean": mean(v), "spread": pstdev(v) if len(v) > 1 else 0.0, "seeds": v}
             for k, v in per_seed.items()}
 
 
 # -----------------------------------------------------------------------------
-# the ablations: each measures one seed -> {arm: {metric: value}}; main runs the seeds (at once with --jobs) and
-# summarises them. NOTES: what results.json keeps beside an ablation's arms.
+# the ablations: each measures one seed -> {arm: {metric: value}}; main runs the seeds (at once
+# with --jobs) and summarises them. NOTES: what results.json keeps beside an ablation's arms.
 
 NOTES = {"v2pe": {"chance": 1 / len(toyworld.COLOURS)},
          "loss": {"short_types": SHORT_TYPES, "long_types": LONG_TYPES}}
@@ -320,7 +339,8 @@ def ablation_native(R: Runner, seed, world: Path, device):
     for arm, pt in (("native", R.pt_native(seed)), ("post-hoc", R.pt_posthoc(seed))):
         sft = R.sft_native(seed) if arm == "native" else R.sft("sft_posthoc", seed, pt)
         acc = accuracy(sft, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)
-        rows[arm] = {"vqa_accuracy": mean(list(acc.values())), **{f"acc_{k}": v for k, v in acc.items()},
+        rows[arm] = {"vqa_accuracy": mean(list(acc.values())),
+                     **{f"acc_{k}": v for k, v in acc.items()},
                      "text_ppl_pretrained": perplexity(pt, world / "eval" / "text.jsonl", device),
                      "text_ppl_final": perplexity(sft, world / "eval" / "text.jsonl", device)}
     return rows
@@ -333,12 +353,15 @@ def ablation_v2pe(R: Runner, seed, world: Path, device):
     pt, rows = R.pt_native(seed), {}
     for name, delta in V2PE_ARMS.items():
         flags = ["--v2pe"] if delta is None else ["--v2pe-delta", delta]
-        arm = R.train(f"v2pe_{name.replace('/', '_')}", seed, "--stage", "sft", "--sft-steps", R.size["odd_sft"],
-                      "--init-from", pt / "ckpt", "--sft-meta", odd / "meta.json", *flags)
-        for eval_name, eval_delta in ([(name, delta)] if delta is not None else FIXED_DELTAS.items()):
-            acc = accuracy(arm, f"odd_{eval_name.replace('/', '_')}", odd / "eval.jsonl", -1, device,
-                           v2pe_delta=eval_delta)
-            rows[f"train {name}, eval {eval_name}"] = {f"images_{n}": acc[f"odd_{n}"] for n in ODD_IMAGES}
+        arm = R.train(f"v2pe_{name.replace('/', '_')}", seed, "--stage", "sft", "--sft-steps",
+                      R.size["odd_sft"], "--init-from", pt / "ckpt", "--sft-meta",
+                      odd / "meta.json", *flags)
+        evals = [(name, delta)] if delta is not None else FIXED_DELTAS.items()
+        for eval_name, eval_delta in evals:
+            acc = accuracy(arm, f"odd_{eval_name.replace('/', '_')}", odd / "eval.jsonl", -1,
+                           device, v2pe_delta=eval_delta)
+            rows[f"train {name}, eval {eval_name}"] = {f"images_{n}": acc[f"odd_{n}"]
+                                                       for n in ODD_IMAGES}
     return rows
 
 
@@ -356,13 +379,15 @@ def ablation_loss(R: Runner, seed, world: Path, device):
 def ablation_jpeg(R: Runner, seed, world: Path, device):
     with IN_PROCESS:
         nojpeg = make_nojpeg_meta(world, R.out / "data" / "nojpeg")
-        degraded = {q: make_jpeg_eval(world, R.out / "data" / f"eval_jpeg{q}", q) for q in JPEG_QUALITIES}
+        degraded = {q: make_jpeg_eval(world, R.out / "data" / f"eval_jpeg{q}", q)
+                    for q in JPEG_QUALITIES}
     rows = {}
     for name in ("JPEG augmentation", "no augmentation"):
         arm = R.sft_native(seed) if name == "JPEG augmentation" else \
             R.sft("sft_nojpeg", seed, R.pt_native(seed), "--sft-meta", nojpeg)
-        m = {"clean": accuracy(arm, "toy", world / "eval" / "eval.jsonl", R.size["eval_per_type"], device)}
-        m |= {f"jpeg_q{q}": accuracy(arm, f"jpeg{q}", f, R.size["eval_per_type"], device)
+        per_type = R.size["eval_per_type"]
+        m = {"clean": accuracy(arm, "toy", world / "eval" / "eval.jsonl", per_type, device)}
+        m |= {f"jpeg_q{q}": accuracy(arm, f"jpeg{q}", f, per_type, device)
               for q, f in degraded.items()}
         rows[name] = {k: mean(list(acc.values())) for k, acc in m.items()}
     return rows
@@ -370,11 +395,12 @@ def ablation_jpeg(R: Runner, seed, world: Path, device):
 
 def ablation_mpo(R: Runner, seed, world: Path, device):
     sft = R.sft_native(seed)
-    arm = R.run("reasoning", seed, ["data/reasoning.py", "--sft", str(sft / "ckpt"), "--seed", str(seed), "--out",
-                                    str(R.out / "arms" / "reasoning" / f"s{seed}"), *R.size["reasoning"]])
+    out = R.out / "arms" / "reasoning" / f"s{seed}"
+    arm = R.run("reasoning", seed, ["-m", "experiments.reasoning", "--sft", str(sft / "ckpt"),
+                                    "--seed", str(seed), "--out", str(out), *R.size["reasoning"]])
     res = json.loads((arm / "results.json").read_text())
-    m = {"greedy_sft": res["greedy"]["sft"]["accuracy"], "greedy_mpo": res["greedy"]["mpo"]["accuracy"],
-         "n_questions": res["greedy"]["sft"]["n"]}
+    m = {"greedy_sft": res["greedy"]["sft"]["accuracy"],
+         "greedy_mpo": res["greedy"]["mpo"]["accuracy"], "n_questions": res["greedy"]["sft"]["n"]}
     for critic, curve in res["best_of_n"].items():
         for n, acc in curve.items():
             m[f"{critic}_N{n}"] = acc
@@ -398,14 +424,15 @@ def draw(name: str, res: dict, out: Path, n_seeds: int):
         keys = [f"acc_{t}" for t in types] + ["vqa_accuracy"]
         vals = [[pct(arms[a][k])[0] for a in arms] for k in keys]
         errs = [[pct(arms[a][k])[1] for a in arms] for k in keys]
-        plot.bar_chart(path, "Native vs post-hoc pre-training: held-out accuracy" + sub, groups, list(arms), vals,
-                       errs, ylabel="accuracy (%)", ymax=100)
+        plot.bar_chart(path, "Native vs post-hoc pre-training: held-out accuracy" + sub, groups,
+                       list(arms), vals, errs, ylabel="accuracy (%)", ymax=100)
     elif name == "v2pe":
         series = {a: [pct(r[f"images_{n}"])[0] for n in ODD_IMAGES] for a, r in arms.items()}
         errors = {a: [pct(r[f"images_{n}"])[1] for n in ODD_IMAGES] for a, r in arms.items()}
-        plot.line_chart(path, "V2PE delta: 'which colour is in only one picture?'" + sub, list(ODD_IMAGES), series,
-                        errors, xlabel="pictures per question (training: 3-4)", ylabel="accuracy (%)", ymin=0,
-                        ymax=100)
+        plot.line_chart(path, "V2PE delta: 'which colour is in only one picture?'" + sub,
+                        list(ODD_IMAGES), series, errors,
+                        xlabel="pictures per question (training: 3-4)", ylabel="accuracy (%)",
+                        ymin=0, ymax=100)
     elif name in ("loss", "jpeg"):
         groups = list(next(iter(arms.values())))
         vals = [[pct(arms[a][g])[0] for a in arms] for g in groups]
@@ -413,16 +440,19 @@ def draw(name: str, res: dict, out: Path, n_seeds: int):
         title = {"loss": "SFT loss averaging: accuracy by answer length",
                  "jpeg": "JPEG augmentation: accuracy on clean and JPEG-compressed pictures"}[name]
         labels = [g.replace("_", " ") for g in groups]
-        plot.bar_chart(path, title + sub, labels, list(arms), vals, errs, ylabel="accuracy (%)", ymax=100)
+        plot.bar_chart(path, title + sub, labels, list(arms), vals, errs, ylabel="accuracy (%)",
+                       ymax=100)
     elif name == "mpo":
         r = arms["reasoning"]
         ns = [1, 2, 4, 8]
-        series = {c: [pct(r[f"{c}_N{n}"])[0] for n in ns] for c in ("prm", "vote", "majority", "outcome", "pass@N")}
+        series = {c: [pct(r[f"{c}_N{n}"])[0] for n in ns]
+                  for c in ("prm", "vote", "majority", "outcome", "pass@N")}
         errors = {c: [pct(r[f"{c}_N{n}"])[1] for n in ns] for c in series}
         series["greedy SFT"] = [pct(r["greedy_sft"])[0]] * len(ns)
         series["greedy MPO"] = [pct(r["greedy_mpo"])[0]] * len(ns)
-        plot.line_chart(path, "Best-of-N with the toy PRM; greedy SFT and MPO as flat lines" + sub, ns, series, errors,
-                        xlabel="N (samples per question)", ylabel="accuracy (%)", ymin=0, ymax=100)
+        plot.line_chart(path, "Best-of-N with the toy PRM; greedy SFT and MPO as flat lines" + sub,
+                        ns, series, errors, xlabel="N (samples per question)",
+                        ylabel="accuracy (%)", ymin=0, ymax=100)
     return path
 
 
@@ -433,26 +463,37 @@ def draw(name: str, res: dict, out: Path, n_seeds: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the reduced form for a 2-core CPU (= --size quick)")
-    parser.add_argument("--size", default="full", choices=list(SIZES), help="steps, questions and seeds of every arm")
-    parser.add_argument("--only", default=",".join(ABLATIONS), help="comma list of ablations to run")
+    parser.add_argument("--quick", action="store_true",
+                        help="the reduced form for a 2-core CPU (= --size quick)")
+    parser.add_argument("--size", default="full", choices=list(SIZES),
+                        help="steps, questions and seeds of every arm")
+    parser.add_argument("--only", default=",".join(ABLATIONS),
+                        help="comma list of ablations to run")
     parser.add_argument("--seeds", default="", help="comma list of seeds (default: the size's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=N",
-                        help="change one step or question count of the size, e.g. odd_sft=1200 (repeatable; arms "
-                             "are cached by command: use a new --out where a count changes the generated data)")
-    parser.add_argument("--preset", default="toy", help="train.py --preset of every arm (toy-gpu: bigger, for a GPU)")
-    parser.add_argument("--device", default=None, help="train.py --device of every arm; evaluation runs here too")
+                        help="change one step or question count of the size, e.g. odd_sft=1200 "
+                             "(repeatable; arms are cached by command: use a new --out where a "
+                             "count changes the generated data)")
+    parser.add_argument("--preset", default="toy",
+                        help="train.py --preset of every arm (toy-gpu: bigger, for a GPU)")
+    parser.add_argument("--device", default=None,
+                        help="train.py --device of every arm; evaluation runs here too")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="arms trained at once (a GPU has room for several toy arms; the CPU threads are split)")
-    parser.add_argument("--data-dir", default="data/toy", help="the toy world (generated if absent)")
-    parser.add_argument("--out", default="runs/ablations", help="arms, evaluations, results.json and plots")
-    parser.add_argument("--publish", default="", help="also copy results.json and the plots to this directory")
+                        help="arms trained at once (a GPU has room for several toy arms; the CPU "
+                             "threads are split)")
+    parser.add_argument("--data-dir", default="data/toy",
+                        help="the toy world (generated if absent)")
+    parser.add_argument("--out", default="runs/ablations",
+                        help="arms, evaluations, results.json and plots")
+    parser.add_argument("--publish", default="",
+                        help="also copy results.json and the plots to this directory")
     parser.add_argument("--redo", action="store_true", help="rerun every arm and evaluation")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: redraw the plots and results.md from <out>/results.json")
     args = parser.parse_args()
     if args.report:
-        return report(Path(args.out).resolve(), Path(args.publish).resolve() if args.publish else None)
+        return report(Path(args.out).resolve(),
+                      Path(args.publish).resolve() if args.publish else None)
     if args.quick:
         args.size = "quick"
     size = dict(SIZES[args.size])
@@ -465,7 +506,8 @@ def main():
     only = [a.strip() for a in args.only.split(",") if a.strip()]
     unknown = [a for a in only if a not in ABLATIONS]
     if unknown:
-        raise UserError(f"--only: unknown ablation(s) {', '.join(unknown)} (choose from {', '.join(ABLATIONS)})")
+        raise UserError(f"--only: unknown ablation(s) {', '.join(unknown)} "
+                        f"(choose from {', '.join(ABLATIONS)})")
     try:
         seeds = [int(s) for s in (args.seeds or size["seeds"]).split(",")]
     except ValueError:
@@ -473,27 +515,29 @@ def main():
     if args.jobs < 1:
         raise UserError(f"--jobs: expected at least 1, got {args.jobs}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    world = Path(toyworld.ensure(str(ROOT / args.data_dir))["root"])   # an absolute --data-dir stays as it is
+    # an absolute --data-dir stays as it is
+    world = Path(toyworld.ensure(str(ROOT / args.data_dir))["root"])
     R = Runner(args, size, world)
     if args.redo and (R.out / "arms").exists():
         shutil.rmtree(R.out / "arms")
     t0 = time.time()
-    results = {"command": "python data/ablations.py " + " ".join(sys.argv[1:]),
+    results = {"command": " ".join(["python -m experiments.ablations", *sys.argv[1:]]),
                "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores"
-                          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+                          + (f", {torch.cuda.get_device_name(device)}"
+                             if device.type == "cuda" else "")
                           + f", torch {torch.__version__}",
                "size": args.size, "sizes": size, "seeds": seeds, "preset": args.preset}
     results["ablations"] = run_ablations(R, only, seeds, world, device)
-    results["wall_seconds"] = round(time.time() - t0, 1)   # this invocation: arms from the cache cost nothing
-    results["arms_seconds"] = round(sum(R.wall.values()), 1)  # every arm's own run, each counted once
-    R.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(str(R.out / "results.json")) as tmp, open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
+    # this invocation: arms from the cache cost nothing
+    results["wall_seconds"] = round(time.time() - t0, 1)
+    # every arm's own run, each counted once
+    results["arms_seconds"] = round(sum(R.wall.values()), 1)
+    write_json(R.out / "results.json", results)
     report(R.out, Path(args.publish).resolve() if args.publish else None)
 
 
 def run_ablations(R: Runner, only, seeds, world: Path, device) -> dict:
-    """{ablation: {"arms": {arm: {metric: {mean, spread, seeds}}}, its NOTES, wall times, plot file}}."""
+    """{ablation: {"arms": {arm: {metric: {mean, spread, seeds}}}, NOTES, wall times, plot}}."""
     def measure(task):
         name, seed = task
         t = time.time()
@@ -502,8 +546,9 @@ def run_ablations(R: Runner, only, seeds, world: Path, device) -> dict:
         say(f"== {name} s{seed}: {time.time() - t:.0f}s")
         return rows, R.asked.dirs, t, time.time()
 
-    # sequentially, ablation by ablation and seed by seed; with --jobs, one thread per (ablation, seed), each
-    # waiting on the arms it shares with the others while R trains `jobs` of them at a time
+    # sequentially, ablation by ablation and seed by seed; with --jobs, one thread per (ablation,
+    # seed), each waiting on the arms it shares with the others while R trains `jobs` of them at a
+    # time
     tasks = [(name, seed) for name in only for seed in seeds]
     pool = ThreadPoolExecutor(len(tasks) if R.args.jobs > 1 else 1)
     try:
@@ -520,14 +565,15 @@ def run_ablations(R: Runner, only, seeds, world: Path, device) -> dict:
         dirs = set().union(*(measured[name, s][1] for s in seeds))
         spans = [measured[name, s][2:] for s in seeds]
         out[name] = {"arms": {a: summarise(r) for a, r in rows.items()}, **NOTES.get(name, {}),
-                     "train_seconds": round(sum(R.wall.get(d, 0.0) for d in dirs), 1),   # shared arms: in each
+                     # an arm shared with other ablations counts in each
+                     "train_seconds": round(sum(R.wall.get(d, 0.0) for d in dirs), 1),
                      "seconds": round(max(e for _, e in spans) - min(t for t, _ in spans), 1),
                      "plot": f"{name}.png"}
     return out
 
 
 def report(out: Path, publish: Path | None):
-    """results.json -> plots, results.md and the printed table; with publish, all of it copied there too."""
+    """results.json -> plots, results.md and the printed table; all copied to `publish` if given."""
     path = out / "results.json"
     if not path.is_file():
         raise UserError(f"{path}: no results yet (run the ablations first)")
@@ -545,52 +591,59 @@ def report(out: Path, publish: Path | None):
           f"{', '.join(str(f) for f in [out] + ([publish] if publish else []))}")
 
 
-# the Best-of-N critics the table judges: VisualPRM's own rule (the highest mean step score), and the PRM-weighted
-# vote (sample.py --critic vote:), the one that rises with N on the toy (see the README's MPO section)
+# the Best-of-N critics the table judges: VisualPRM's own rule (the highest mean step score), and
+# the PRM-weighted vote (sample.py --critic vote:), the one that rises with N on the toy (see the
+# README's MPO section)
 MPO_CRITICS = {"prm": "PRM mean", "vote": "PRM-weighted vote"}
 
 
-# what each paper reports, and the toy comparison that would agree with it: (toy value, toy baseline) pairs whose
-# difference should be > 0; "within noise" when it is smaller than its spread over seeds or than NOISE_FLOOR
+# what each paper reports, and the toy comparison that would agree with it: (toy value, toy
+# baseline) pairs whose difference should be > 0; "within noise" when it is smaller than its spread
+# over seeds or than NOISE_FLOOR
 CLAIMS = {
-    "native": ("InternVL3 §2.2: native pre-training reaches accuracy comparable to the multi-stage (post-hoc) "
-               "pipeline, then gains more from SFT",
+    "native": ("InternVL3 §2.2: native pre-training reaches accuracy comparable to the multi-stage "
+               "(post-hoc) pipeline, then gains more from SFT",
                lambda a: [("native − post-hoc, held-out accuracy", a["native"]["vqa_accuracy"],
                            a["post-hoc"]["vqa_accuracy"], "comparable")]),
-    "v2pe": ("InternVL3 Table 12 (random δ in training, δ at inference): none 75.2, 1/256 75.0, 1/16 75.6, "
-             "1/4 75.9, 1 75.7: small steps help, 1/4 best",
+    "v2pe": ("InternVL3 Table 12 (random δ in training, δ at inference): none 75.2, 1/256 75.0, "
+             "1/16 75.6, 1/4 75.9, 1 75.7: small steps help, 1/4 best",
              lambda a: [(f"random@{d} − no V2PE, {ODD_IMAGES[-1]} pictures",
                          a[f"train random, eval {d}"][f"images_{ODD_IMAGES[-1]}"],
                          a["train 1, eval 1"][f"images_{ODD_IMAGES[-1]}"], "higher")
                         for d in ("1/4", "1/16")]),
-    "loss": ("InternVL2.5 §4: token averaging favours long answers, sample averaging short ones; square is the "
-             "compromise",
-             lambda a: [("token − sample, long answers", a["token"]["long_answers"], a["sample"]["long_answers"],
-                         "higher"),
-                        ("sample − token, short answers", a["sample"]["short_answers"], a["token"]["short_answers"],
-                         "higher")]),
-    "jpeg": ("InternVL2.5 §4: random JPEG compression makes the model robust to compressed pictures",
-             lambda a: [(f"with − without, JPEG q={q} pictures", a["JPEG augmentation"][f"jpeg_q{q}"],
-                         a["no augmentation"][f"jpeg_q{q}"], "higher") for q in JPEG_QUALITIES]),
-    "mpo": ("InternVL3 §2.4: MPO beats SFT on reasoning; Best-of-N with VisualPRM rises with N and beats "
-            "self-consistency",
-            lambda a: [("MPO − SFT, greedy", a["reasoning"]["greedy_mpo"], a["reasoning"]["greedy_sft"], "higher"),
-                       *[(f"{name} N=8 − N=1", a["reasoning"][f"{c}_N8"], a["reasoning"][f"{c}_N1"], "higher")
-                         for c, name in MPO_CRITICS.items()],
-                       *[(f"{name} − majority, N=8", a["reasoning"][f"{c}_N8"], a["reasoning"]["majority_N8"],
-                          "higher") for c, name in MPO_CRITICS.items()]]),
+    "loss": ("InternVL2.5 §4: token averaging favours long answers, sample averaging short ones; "
+             "square is the compromise",
+             lambda a: [("token − sample, long answers", a["token"]["long_answers"],
+                         a["sample"]["long_answers"], "higher"),
+                        ("sample − token, short answers", a["sample"]["short_answers"],
+                         a["token"]["short_answers"], "higher")]),
+    "jpeg": ("InternVL2.5 §4: random JPEG compression makes the model robust to compressed "
+             "pictures",
+             lambda a: [(f"with − without, JPEG q={q} pictures",
+                         a["JPEG augmentation"][f"jpeg_q{q}"], a["no augmentation"][f"jpeg_q{q}"],
+                         "higher") for q in JPEG_QUALITIES]),
+    "mpo": ("InternVL3 §2.4: MPO beats SFT on reasoning; Best-of-N with VisualPRM rises with N and "
+            "beats self-consistency",
+            lambda a: [("MPO − SFT, greedy", a["reasoning"]["greedy_mpo"],
+                        a["reasoning"]["greedy_sft"], "higher"),
+                       *[(f"{name} N=8 − N=1", a["reasoning"][f"{c}_N8"],
+                          a["reasoning"][f"{c}_N1"], "higher") for c, name in MPO_CRITICS.items()],
+                       *[(f"{name} − majority, N=8", a["reasoning"][f"{c}_N8"],
+                          a["reasoning"]["majority_N8"], "higher")
+                         for c, name in MPO_CRITICS.items()]]),
 }
 
 
 def paired(cell, base) -> tuple[float, float]:
-    """cell − base seed by seed (the arms of one seed share its initialisation and data order, so that seed's luck
-    cancels) -> mean and population std over seeds of the differences."""
-    d = summarise({"diff": [a - b for a, b in zip(cell["seeds"], base["seeds"], strict=True)]})["diff"]
+    """cell − base seed by seed (the arms of one seed share its initialisation and data order, so
+    that seed's luck cancels) -> mean and population std over seeds of the differences."""
+    diffs = [a - b for a, b in zip(cell["seeds"], base["seeds"], strict=True)]
+    d = summarise({"diff": diffs})["diff"]
     return d["mean"], d["spread"]
 
 
-# 2 points: about the sampling error of one accuracy over the 300-600 questions of an arm (sqrt(p(1-p)/n) at
-# p = 0.5), which two or three seeds that happen to agree do not remove
+# 2 points: about the sampling error of one accuracy over the 300-600 questions of an arm
+# (sqrt(p(1-p)/n) at p = 0.5), which two or three seeds that happen to agree do not remove
 NOISE_FLOOR = 0.02
 
 
@@ -603,18 +656,23 @@ def verdict(cell, base, want: str) -> str:
 
 
 def markdown(results: dict) -> str:
-    """The README's table: each claim, the toy comparison (in points of accuracy), and whether they agree."""
-    took = f"; the arms trained for {results['arms_seconds'] / 60:.0f} min" if "arms_seconds" in results else ""
-    lines = [f"`{results['command']}` on {results['machine']}; seeds {results['seeds']}, size {results['size']}{took}.",
+    """The README's table: each claim, the toy comparison (points of accuracy), agreeing or not."""
+    took = ""
+    if "arms_seconds" in results:
+        took = f"; the arms trained for {results['arms_seconds'] / 60:.0f} min"
+    lines = [f"`{results['command']}` on {results['machine']}; seeds {results['seeds']}, "
+             f"size {results['size']}{took}.",
              "",
-             "| ablation | the paper | toy comparison | toy (points: mean ± std over seeds of the difference) | agrees |",
+             "| ablation | the paper | toy comparison "
+             "| toy (points: mean ± std over seeds of the difference) | agrees |",
              "|---|---|---|---|---|"]
     for name, res in results["ablations"].items():
         claim, rows = CLAIMS[name]
         for label, cell, base, want in rows(res["arms"]):
             diff, noise = paired(cell, base)
             lines.append(f"| {name} | {claim} | {label} | {100 * diff:+.1f} ± {100 * noise:.1f}"
-                         f" ({100 * cell['mean']:.1f} vs {100 * base['mean']:.1f}) | {verdict(cell, base, want)} |")
+                         f" ({100 * cell['mean']:.1f} vs {100 * base['mean']:.1f})"
+                         f" | {verdict(cell, base, want)} |")
     return "\n".join(lines) + "\n"
 
 

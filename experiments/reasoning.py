@@ -1,32 +1,36 @@
 """
-MPO and Best-of-N with a process reward model on the toy world, end to end. One command makes the README's tables:
+MPO and Best-of-N with a process reward model on the toy world, end to end. One command makes the
+README's tables (run from the repository root):
 
-    python data/reasoning.py                       # from runs/toy/ckpt (python train.py makes it) -> runs/reasoning
-    python data/reasoning.py --quick               # a smaller, faster version of every stage
+    python -m experiments.reasoning           # runs/toy/ckpt (python train.py) -> runs/reasoning
+    python -m experiments.reasoning --quick   # a smaller, faster version of every stage
 
 Stages; each writes into --out and is skipped when its output is already there (--redo starts over):
-  1. questions  chain-of-thought questions about new pictures (counting, adding counts over one or two images):
-                a training set for rollouts and a held-out set, from their own random streams
+  1. questions  chain-of-thought questions about new pictures (counting, adding counts over one or
+                two images): a training set for rollouts and a held-out set, from their own random
+                streams
   2. rollouts   K answers per training question, sampled from the SFT checkpoint
-  3. pairs      the MMPR correctness pipeline (InternVL2.5-MPO arXiv 2411.10442 §3.1): a sampled answer with the
-                right final answer is chosen, one with a wrong answer is rejected; optional Dropout Next-Token
-                Prediction pairs (--dntp) for questions every sample got right. --grade steps also asks of a
-                chosen answer (and of a Monte-Carlo continuation) that its final answer follow from its own steps
+  3. pairs      the MMPR correctness pipeline (InternVL2.5-MPO arXiv 2411.10442 §3.1): a sampled
+                answer with the right final answer is chosen, one with a wrong answer is rejected;
+                optional Dropout Next-Token Prediction pairs (--dntp) for questions every sample got
+                right. --grade steps also asks of a chosen answer (and of a Monte-Carlo
+                continuation) that its final answer follow from its own steps
   4. mpo        python mpo.py --init-from SFT --data pairs/meta.json
-  5. prm data   VisualPRM's Monte-Carlo step labels (arXiv 2503.10291 §3): from the prefix that ends at step k,
-                sample M continuations; step k is "+" if any reaches the right answer. A correct answer is itself
-                such a continuation, so all of its steps are "+". A conversation ends at its first "-" (see
-                mc_labels: training is teacher-forced, scoring puts "+" in every earlier turn)
-  6. prm        python train.py --stage sft --init-from SFT --sft-meta prm/meta.json (the PRM conversation format)
-  7. evaluate   greedy accuracy of SFT and MPO on the held-out questions; Best-of-N at N = 1, 2, 4, 8 over the
-                same 8 samples per question (N < 8: the mean over the 8/N disjoint groups), picked by the PRM
-                (mean step score), the outcome score (last step), the PRM-weighted majority vote and plain
-                majority voting; pass@N as the ceiling
+  5. prm data   VisualPRM's Monte-Carlo step labels (arXiv 2503.10291 §3): from the prefix that ends
+                at step k, sample M continuations; step k is "+" if any reaches the right answer. A
+                correct answer is itself such a continuation, so all of its steps are "+". A
+                conversation ends at its first "-" (see mc_labels: training is teacher-forced,
+                scoring puts "+" in every earlier turn)
+  6. prm        python train.py --stage sft --init-from SFT --sft-meta prm/meta.json (the PRM
+                conversation format)
+  7. evaluate   greedy accuracy of SFT and MPO on the held-out questions; Best-of-N at N = 1, 2, 4,
+                8 over the same 8 samples per question (N < 8: the mean over the 8/N disjoint
+                groups), picked by the PRM (mean step score), the outcome score (last step), the
+                PRM-weighted majority vote and plain majority voting; pass@N as the ceiling
 Writes <out>/results.json and prints the tables.
 """
 
 import argparse
-import json
 import random
 import subprocess
 import sys
@@ -35,20 +39,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "data"))
-import toyworld  # noqa: E402
-from nanovl3.chat import Tokenizer, render_prompt  # noqa: E402
-from nanovl3.common import UserError, atomic_path, user_errors  # noqa: E402
-from nanovl3.critic import (aggregate, best_of_n, is_correct, majority_vote, prm_conversation,  # noqa: E402
+from data import toyworld
+from nanovl3.chat import Tokenizer, render_prompt
+from nanovl3.common import UserError, read_jsonl, user_errors, write_json, write_jsonl
+from nanovl3.critic import (aggregate, best_of_n, is_correct, majority_vote, prm_conversation,
                             prm_step_scores, split_steps)
-from nanovl3.generate import generate  # noqa: E402
-from nanovl3.image import load_images  # noqa: E402
-from nanovl3.model import InternVL  # noqa: E402
-from nanovl3.training import evaluate  # noqa: E402
+from nanovl3.evaluate import evaluate
+from nanovl3.generate import generate
+from nanovl3.image import load_images
+from nanovl3.model import InternVL
 
-QTYPES = {"arith_two": 0.4, "arith_add": 0.3, "count_cot": 0.3}  # the toy world's chain-of-thought questions
+ROOT = Path(__file__).resolve().parent.parent   # the repository root: where the stages' scripts run
+# the toy world's chain-of-thought questions
+QTYPES = {"arith_two": 0.4, "arith_add": 0.3, "count_cot": 0.3}
 NS = (1, 2, 4, 8)
 
 
@@ -56,25 +59,13 @@ NS = (1, 2, 4, 8)
 # files
 
 
-def write_jsonl(path: Path, rows: list):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(str(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list:
-    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-
-
-def write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(str(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
+def rows_of(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl(path)]
 
 
 def meta(path: Path, annotation: str, **extra):
-    write_json(path, {path.parent.name: {"root": "..", "annotation": annotation, "repeat_time": 1, **extra}})
+    entry = {"root": "..", "annotation": annotation, "repeat_time": 1, **extra}
+    write_json(path, {path.parent.name: entry})
 
 
 # -----------------------------------------------------------------------------
@@ -82,16 +73,19 @@ def meta(path: Path, annotation: str, **extra):
 
 
 def make_questions(out: Path, n_train: int, n_eval: int, seed: int):
-    """-> out/questions/{train,eval}.jsonl: {"image": [paths relative to out], "question", "answer", "type"}."""
+    """-> out/questions/{train,eval}.jsonl, one line per question:
+    {"image": [paths relative to out], "question", "answer", "type", "reference"}."""
     bank, rows = toyworld.ImageBank("questions/images"), {}
     for split, n in (("train", n_train), ("eval", n_eval)):
-        rng = random.Random(f"reasoning/{seed}/{split}")  # own streams: never the toy world's pictures
+        # own streams: never the toy world's pictures
+        rng = random.Random(f"reasoning/{seed}/{split}")
         rows[split] = []
         for _ in range(n):
             qtype, = rng.choices(list(QTYPES), weights=list(QTYPES.values()))
             scenes, qa = toyworld.build(rng, qtype)
             paths = [bank.add(s) for s in scenes]
-            rows[split].append({"image": paths, "question": toyworld.image_tags(len(paths)) + qa["question"],
+            rows[split].append({"image": paths,
+                                "question": toyworld.image_tags(len(paths)) + qa["question"],
                                 "answer": qa["answer"], "type": qtype, "reference": qa["reply"]})
     toyworld.render_all(out, bank.items)
     for split in rows:
@@ -103,27 +97,32 @@ def make_questions(out: Path, n_train: int, n_eval: int, seed: int):
 
 
 def tiles_of(item, out: Path, cfg) -> list[torch.Tensor]:
-    return load_images([out / p for p in item["image"]], cfg, split=True)[0]  # the tile budget as trained
+    return load_images([out / p for p in item["image"]], cfg, split=True)[0]  # budget as trained
 
 
-def sample(model, tok, out: Path, jobs: list[tuple[dict, str]], n: int, temperature: float, seed: int,
-           max_new_tokens: int = 96, batch: int = 16, images: bool = True) -> list[list[str]]:
-    """jobs [(question item, answer prefix)] -> n answers each (prefix + continuation). Row r of job j is
-    sampled with seed + n * j + r, so a job gets the same answers whatever else is in its batch."""
+def sample(model, tok, out: Path, jobs: list[tuple[dict, str]], n: int, temperature: float,
+           seed: int, max_new_tokens: int = 96, batch: int = 16,
+           images: bool = True) -> list[list[str]]:
+    """jobs [(question item, answer prefix)] -> n answers each (prefix + continuation). Row r of job
+    j is sampled with seed + n * j + r, so a job gets the same answers whatever else is in its
+    batch."""
     cfg = model.cfg
     results = []
     for i in range(0, len(jobs), batch):
         prompts, tiles, chunk = [], [], jobs[i:i + batch]
         for item, prefix in chunk:
             t = tiles_of(item, out, cfg) if images else []
-            question = item["question"] if images else item["question"].replace("<image>\n", "").replace("<image>", "")
+            question = item["question"]
+            if not images:
+                question = question.replace("<image>\n", "").replace("<image>", "")
             tiles += t
-            prompts.append(tok.encode(render_prompt(question, [x.size(0) for x in t], cfg.num_image_token))
+            prompts.append(tok.encode(render_prompt(question, [x.size(0) for x in t],
+                                                    cfg.num_image_token))
                            + (tok.encode(prefix) if prefix else []))
         pix = torch.cat(tiles) if tiles else None
         # generate seeds row r of this call with seed + r: offset by the first job's index
-        outs = generate(model, prompts, pix, max_new_tokens, temperature=temperature, seed=seed + n * i,
-                        stop_ids=tok.stop_ids, num_samples=n)
+        outs = generate(model, prompts, pix, max_new_tokens, temperature=temperature,
+                        seed=seed + n * i, stop_ids=tok.stop_ids, num_samples=n)
         for j, (_, prefix) in enumerate(chunk):
             results.append([prefix + tok.decode(o) for o in outs[j * n:(j + 1) * n]])
     return results
@@ -139,11 +138,11 @@ def load(ckpt: str):
 
 
 def solved(response: str, item: dict, grade: str) -> bool:
-    """Whether a sampled answer counts as right when building pairs and PRM labels. "answer": its final answer is
-    right (MMPR's correctness pipeline). "steps": and that answer follows from its own steps (toyworld.steps_agree).
-    The toy policy often states a wrong count and then writes the right total anyway; Monte-Carlo labels assume
-    that later steps follow earlier ones, and such a continuation makes a wrong step "+". Evaluation always grades
-    the final answer."""
+    """Whether a sampled answer counts as right when building pairs and PRM labels. "answer": its
+    final answer is right (MMPR's correctness pipeline). "steps": and that answer follows from its
+    own steps (toyworld.steps_agree). The toy policy often states a wrong count and then writes the
+    right total anyway; Monte-Carlo labels assume that later steps follow earlier ones, and such a
+    continuation makes a wrong step "+". Evaluation always grades the final answer."""
     if not is_correct(response, item["answer"]):
         return False
     return grade == "answer" or toyworld.steps_agree(response, item["question"])
@@ -151,8 +150,9 @@ def solved(response: str, item: dict, grade: str) -> bool:
 
 def make_pairs(rollouts: list[dict], pairs_per_question: int, seed: int, reference: bool = False,
                grade: str = "answer") -> list[dict]:
-    """MMPR lines from sampled answers: right final answer -> chosen, wrong -> rejected. reference=True: when no
-    sample is right, the world's reference solution is the chosen answer (MMPR itself drops such questions)."""
+    """MMPR lines from sampled answers: right final answer -> chosen, wrong -> rejected.
+    reference=True: when no sample is right, the world's reference solution is the chosen answer
+    (MMPR itself drops such questions)."""
     rng, rows = random.Random(f"pairs/{seed}"), []
     for r in rollouts:
         good = sorted({a for a in r["answers"] if solved(a, r, grade)})
@@ -162,14 +162,16 @@ def make_pairs(rollouts: list[dict], pairs_per_question: int, seed: int, referen
         bad = sorted({a for a in r["answers"] if not is_correct(a, r["answer"])})
         for _ in range(min(pairs_per_question, len(good), len(bad))):
             c, w = good.pop(rng.randrange(len(good))), bad.pop(rng.randrange(len(bad)))
-            rows.append({"image": r["image"], "question": r["question"], "chosen": c, "rejected": w})
+            rows.append({"image": r["image"], "question": r["question"], "chosen": c,
+                         "rejected": w})
     return rows
 
 
 def dntp_pairs(model, tok, out: Path, rollouts: list[dict], seed: int, max_new_tokens: int = 96,
                grade: str = "answer") -> list[dict]:
-    """Dropout Next-Token Prediction: for questions without a wrong sample, keep a correct answer as chosen and let
-    the model finish its first half WITHOUT the image: the continuation is the rejected answer."""
+    """Dropout Next-Token Prediction: for questions without a wrong sample, keep a correct answer as
+    chosen and let the model finish its first half WITHOUT the image: the continuation is the
+    rejected answer."""
     jobs, chosen = [], []
     for r in rollouts:
         good = [a for a in r["answers"] if solved(a, r, grade)]
@@ -183,13 +185,15 @@ def dntp_pairs(model, tok, out: Path, rollouts: list[dict], seed: int, max_new_t
 
 
 def mc_labels(model, tok, out: Path, rollouts: list[dict], per_question: int, m: int, seed: int,
-              max_new_tokens: int = 96, temperature: float = 1.0, grade: str = "answer") -> list[dict]:
-    """PRM training conversations with Monte-Carlo labels, up to per_question correct and as many wrong answers
-    per training question. Wrong answers are labelled step by step until a prefix never reaches the right answer
-    in m tries: that step is "-" and the conversation ends there, as PRM800K's labels stop at the first mistake.
-    Training is teacher-forced: a step after a "-" would see that "-" in an earlier assistant turn, a context that
-    scoring never shows (it puts "+" in every turn), and its label, "-" whatever the step says, would teach the PRM
-    to copy the last verdict rather than read the step."""
+              max_new_tokens: int = 96, temperature: float = 1.0,
+              grade: str = "answer") -> list[dict]:
+    """PRM training conversations with Monte-Carlo labels, up to per_question correct and as many
+    wrong answers per training question. Wrong answers are labelled step by step until a prefix
+    never reaches the right answer in m tries: that step is "-" and the conversation ends there, as
+    PRM800K's labels stop at the first mistake. Training is teacher-forced: a step after a "-" would
+    see that "-" in an earlier assistant turn, a context that scoring never shows (it puts "+" in
+    every turn), and its label, "-" whatever the step says, would teach the PRM to copy the last
+    verdict rather than read the step."""
     rng, items = random.Random(f"prm/{seed}"), []
     for r in rollouts:
         good = sorted({a for a in r["answers"] if solved(a, r, grade)})
@@ -201,13 +205,15 @@ def mc_labels(model, tok, out: Path, rollouts: list[dict], per_question: int, m:
             items.append({"r": r, "steps": steps, "labels": [], "open": True})
     # wrong answers: one round of continuations per step, for every answer still open at that step
     for k in range(max((len(it["steps"]) for it in items), default=0)):
-        todo = [it for it in items if it["labels"] is not None and it.get("open") and k < len(it["steps"])]
-        last = [it for it in todo if k == len(it["steps"]) - 1]  # the whole wrong answer: "-" without sampling
+        todo = [it for it in items if it["labels"] is not None and it.get("open")
+                and k < len(it["steps"])]
+        # the whole wrong answer: "-" without sampling
+        last = [it for it in todo if k == len(it["steps"]) - 1]
         for it in last:
             it["labels"].append("-")
         todo = [it for it in todo if k < len(it["steps"]) - 1]
-        outs = sample(model, tok, out, [(it["r"], "\n\n".join(it["steps"][:k + 1])) for it in todo], m, temperature,
-                      seed + 1000 * k, max_new_tokens)
+        outs = sample(model, tok, out, [(it["r"], "\n\n".join(it["steps"][:k + 1])) for it in todo],
+                      m, temperature, seed + 1000 * k, max_new_tokens)
         for it, conts in zip(todo, outs):
             ok = any(solved(c, it["r"], grade) for c in conts)
             it["labels"].append("+" if ok else "-")
@@ -217,7 +223,8 @@ def mc_labels(model, tok, out: Path, rollouts: list[dict], per_question: int, m:
         # a wrong answer's labels end at its first "-"; a right answer's steps are all "+"
         labels = it["labels"] if it["labels"] is not None else ["+"] * len(it["steps"])
         rows.append({"image": it["r"]["image"],
-                     "conversations": prm_conversation(it["r"]["question"], it["steps"][:len(labels)], labels)})
+                     "conversations": prm_conversation(it["r"]["question"],
+                                                       it["steps"][:len(labels)], labels)})
     return rows
 
 
@@ -226,18 +233,19 @@ def mc_labels(model, tok, out: Path, rollouts: list[dict], per_question: int, m:
 
 
 def greedy_accuracy(ckpt: str, out: Path, items: list[dict], max_new_tokens: int = 96) -> dict:
-    """Greedy accuracy, by the held-out evaluation train.py and mpo.py run (training.evaluate)."""
+    """Greedy accuracy, by the held-out evaluation train.py and mpo.py run (nanovl3.evaluate)."""
     model, tok = load(ckpt)
-    res = evaluate(model, tok, [{**it, "image": [str(out / p) for p in it["image"]], "cot": True} for it in items],
-                   cot_tokens=max_new_tokens)
+    res = evaluate(model, tok,
+                   [{**it, "image": [str(out / p) for p in it["image"]], "cot": True}
+                    for it in items], cot_tokens=max_new_tokens)
     correct = sum(r["correct"] for r in res["types"].values())
-    return {"accuracy": correct / len(items), "n": len(items), "correct": correct, "types": res["types"],
-            "examples": [e["response"] for e in res["examples"][:3]]}
+    return {"accuracy": correct / len(items), "n": len(items), "correct": correct,
+            "types": res["types"], "examples": [e["response"] for e in res["examples"][:3]]}
 
 
 def best_of_n_table(samples: list[list[str]], scores: dict, items: list[dict]) -> dict:
-    """Accuracy of each critic at each N; N < 8 averages the 8/N disjoint groups of N samples. "vote" weights the
-    majority vote of a group by the "prm" scores of its samples."""
+    """Accuracy of each critic at each N; N < 8 averages the 8/N disjoint groups of N samples.
+    "vote" weights the majority vote of a group by the "prm" scores of its samples."""
     table = {}
     for name in list(scores) + ["vote", "majority", "pass@N"]:
         table[name] = {}
@@ -265,7 +273,8 @@ def run(cmd: list[str], log: Path):
         p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if p.returncode != 0:
         tail = open(log).read()[-2000:]
-        raise UserError(f"stage failed ({' '.join(cmd[:1])}, exit {p.returncode}); the end of {log}:\n{tail}")
+        raise UserError(f"stage failed ({' '.join(cmd[:1])}, exit {p.returncode}); "
+                        f"the end of {log}:\n{tail}")
 
 
 # -----------------------------------------------------------------------------
@@ -275,36 +284,51 @@ def run(cmd: list[str], log: Path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sft", default="runs/toy/ckpt", help="the SFT checkpoint (python train.py makes it)")
-    parser.add_argument("--out", default="runs/reasoning", help="every stage's output and results.json")
-    parser.add_argument("--quick", action="store_true", help="fewer questions and steps (smoke test)")
+    parser.add_argument("--sft", default="runs/toy/ckpt",
+                        help="the SFT checkpoint (python train.py makes it)")
+    parser.add_argument("--out", default="runs/reasoning",
+                        help="every stage's output and results.json")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer questions and steps (smoke test)")
     parser.add_argument("--redo", action="store_true", help="run every stage again")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=2400, help="training questions (rollouts)")
     parser.add_argument("--n-eval", type=int, default=300, help="held-out questions")
-    parser.add_argument("--rollouts", type=int, default=8, help="K: sampled answers per training question")
-    parser.add_argument("--pairs-per-question", type=int, default=2, help="most preference pairs per question")
-    parser.add_argument("--dntp", action="store_true", help="add Dropout Next-Token Prediction pairs")
+    parser.add_argument("--rollouts", type=int, default=8,
+                        help="K: sampled answers per training question")
+    parser.add_argument("--pairs-per-question", type=int, default=2,
+                        help="most preference pairs per question")
+    parser.add_argument("--dntp", action="store_true",
+                        help="add Dropout Next-Token Prediction pairs")
     parser.add_argument("--reference-chosen", action="store_true",
-                        help="questions no sample got right: the reference solution is the chosen answer")
+                        help="questions no sample got right: the reference solution is the "
+                             "chosen answer")
     parser.add_argument("--mpo-steps", type=int, default=600, help="mpo.py --steps")
     parser.add_argument("--mpo-lr", type=float, default=5e-5, help="mpo.py --lr")
-    parser.add_argument("--mc", type=int, default=4, help="M: continuations per step prefix for the PRM labels")
-    parser.add_argument("--prm-per-question", type=int, default=2, help="correct and wrong answers per question")
-    parser.add_argument("--prm-steps", type=int, default=900, help="train.py --sft-steps for the PRM")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of Best-of-N")
+    parser.add_argument("--mc", type=int, default=4,
+                        help="M: continuations per step prefix for the PRM labels")
+    parser.add_argument("--prm-per-question", type=int, default=2,
+                        help="correct and wrong answers per question")
+    parser.add_argument("--prm-steps", type=int, default=900,
+                        help="train.py --sft-steps for the PRM")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="sampling temperature of Best-of-N")
     parser.add_argument("--rollout-temperature", type=float, default=0.7,
-                        help="sampling temperature of the rollouts and the Monte-Carlo continuations")
+                        help="sampling temperature of the rollouts and the Monte-Carlo "
+                             "continuations")
     parser.add_argument("--grade", default="steps", choices=["answer", "steps"],
-                        help="what counts as a right sample for chosen answers and PRM labels (see solved())")
+                        help="what counts as a right sample for chosen answers and PRM labels "
+                             "(see solved())")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="longest sampled answer")
     args = parser.parse_args()
     if args.quick:
-        args.n_train, args.n_eval, args.rollouts = min(args.n_train, 24), min(args.n_eval, 16), args.rollouts
-        args.mpo_steps, args.prm_steps, args.mc = min(args.mpo_steps, 4), min(args.prm_steps, 4), min(args.mc, 2)
+        args.n_train, args.n_eval = min(args.n_train, 24), min(args.n_eval, 16)
+        args.mpo_steps, args.prm_steps = min(args.mpo_steps, 4), min(args.prm_steps, 4)
+        args.mc = min(args.mc, 2)
     out = Path(args.out).resolve()
     if not (Path(args.sft) / "config.json").is_file():
-        raise UserError(f"--sft {args.sft}: not a checkpoint directory (run `python train.py` first)")
+        raise UserError(f"--sft {args.sft}: not a checkpoint directory "
+                        "(run `python train.py` first)")
     out.mkdir(parents=True, exist_ok=True)
     timings, t_all = {}, time.time()
 
@@ -320,41 +344,44 @@ def main():
 
     stage("questions", out / "questions" / "eval.jsonl",
           lambda: make_questions(out, args.n_train, args.n_eval, args.seed))
-    train_q, eval_q = read_jsonl(out / "questions" / "train.jsonl"), read_jsonl(out / "questions" / "eval.jsonl")
+    train_q, eval_q = (rows_of(out / "questions" / f"{split}.jsonl") for split in ("train", "eval"))
 
     def rollouts():
         model, tok = load(args.sft)
-        answers = sample(model, tok, out, [(q, "") for q in train_q], args.rollouts, args.rollout_temperature,
-                         args.seed, args.max_new_tokens)
+        answers = sample(model, tok, out, [(q, "") for q in train_q], args.rollouts,
+                         args.rollout_temperature, args.seed, args.max_new_tokens)
         write_jsonl(out / "rollouts.jsonl", [{**q, "answers": a} for q, a in zip(train_q, answers)])
     stage("rollouts", out / "rollouts.jsonl", rollouts)
-    rolls = read_jsonl(out / "rollouts.jsonl")
+    rolls = rows_of(out / "rollouts.jsonl")
 
     def pairs():
-        rows = make_pairs(rolls, args.pairs_per_question, args.seed, args.reference_chosen, args.grade)
+        rows = make_pairs(rolls, args.pairs_per_question, args.seed, args.reference_chosen,
+                          args.grade)
         if args.dntp:
-            rows += dntp_pairs(*load(args.sft), out, rolls, args.seed, args.max_new_tokens, args.grade)
+            rows += dntp_pairs(*load(args.sft), out, rolls, args.seed, args.max_new_tokens,
+                               args.grade)
         if not rows:
-            raise UserError("no preference pairs: no training question got both a right and a wrong sample "
-                            "(more --rollouts, or --reference-chosen)")
+            raise UserError("no preference pairs: no training question got both a right and a "
+                            "wrong sample (more --rollouts, or --reference-chosen)")
         write_jsonl(out / "pairs" / "pairs.jsonl", rows)
         meta(out / "pairs" / "meta.json", "pairs.jsonl", length=len(rows))
     stage("pairs", out / "pairs" / "meta.json", pairs)
     stage("mpo", out / "mpo" / "ckpt" / "config.json", lambda: run(
         ["mpo.py", "--init-from", args.sft, "--data", str(out / "pairs" / "meta.json"), "--out-dir",
-         str(out / "mpo"), "--steps", str(args.mpo_steps), "--lr", str(args.mpo_lr), "--seed", str(args.seed)],
+         str(out / "mpo"), "--steps", str(args.mpo_steps), "--lr", str(args.mpo_lr), "--seed",
+         str(args.seed)],
         out / "mpo.log"))
 
     def prm_data():
-        rows = mc_labels(*load(args.sft), out, rolls, args.prm_per_question, args.mc, args.seed, args.max_new_tokens,
-                         args.rollout_temperature, args.grade)
+        rows = mc_labels(*load(args.sft), out, rolls, args.prm_per_question, args.mc, args.seed,
+                         args.max_new_tokens, args.rollout_temperature, args.grade)
         write_jsonl(out / "prm" / "prm.jsonl", rows)
         meta(out / "prm" / "meta.json", "prm.jsonl", length=len(rows))
     stage("prm data", out / "prm" / "meta.json", prm_data)
     stage("prm", out / "prm_ckpt" / "ckpt" / "config.json", lambda: run(
-        ["train.py", "--stage", "sft", "--init-from", args.sft, "--sft-meta", str(out / "prm" / "meta.json"),
-         "--out-dir", str(out / "prm_ckpt"), "--sft-steps", str(args.prm_steps), "--eval-per-type", "0",
-         "--seed", str(args.seed)], out / "prm.log"))
+        ["train.py", "--stage", "sft", "--init-from", args.sft, "--sft-meta",
+         str(out / "prm" / "meta.json"), "--out-dir", str(out / "prm_ckpt"), "--sft-steps",
+         str(args.prm_steps), "--eval-per-type", "0", "--seed", str(args.seed)], out / "prm.log"))
 
     # ---- 7. evaluation
     t = time.time()
@@ -363,8 +390,8 @@ def main():
     timings["greedy eval"] = round(time.time() - t, 1)
     t = time.time()
     model, tok = load(args.sft)
-    samples = sample(model, tok, out, [(q, "") for q in eval_q], max(NS), args.temperature, args.seed + 10 ** 6,
-                     args.max_new_tokens)
+    samples = sample(model, tok, out, [(q, "") for q in eval_q], max(NS), args.temperature,
+                     args.seed + 10 ** 6, args.max_new_tokens)
     timings["best-of-n samples"] = round(time.time() - t, 1)
     t = time.time()
     prm, prm_tok = load(str(out / "prm_ckpt" / "ckpt"))
@@ -377,16 +404,21 @@ def main():
               "outcome": [[aggregate(s, "last") for s in per_q] for per_q in step_scores]}
     timings["prm scoring"] = round(time.time() - t, 1)
     table = best_of_n_table(samples, scores, eval_q)
-    write_jsonl(out / "best_of_n.jsonl", [  # every sample with its grade and step scores, for a closer look
+    # every sample with its grade and step scores, for a closer look
+    write_jsonl(out / "best_of_n.jsonl", [
         {"question": q["question"], "answer": q["answer"], "samples": [
-            {"response": a, "correct": is_correct(a, q["answer"]), "step_scores": [round(x, 4) for x in s]}
-            for a, s in zip(answers, per_q)]} for q, answers, per_q in zip(eval_q, samples, step_scores)])
+            {"response": a, "correct": is_correct(a, q["answer"]),
+             "step_scores": [round(x, 4) for x in s]}
+            for a, s in zip(answers, per_q)]}
+        for q, answers, per_q in zip(eval_q, samples, step_scores)])
 
-    results = {"command": " ".join(sys.argv), "questions": {"train": len(train_q), "eval": len(eval_q)},
+    command = " ".join(["python -m experiments.reasoning", *sys.argv[1:]])
+    results = {"command": command, "questions": {"train": len(train_q), "eval": len(eval_q)},
                "pairs": sum(1 for _ in open(out / "pairs" / "pairs.jsonl")),
                "prm_samples": sum(1 for _ in open(out / "prm" / "prm.jsonl")),
-               "greedy": greedy, "best_of_n": table, "temperature": args.temperature, "seconds": timings,
-               "wall_seconds": round(time.time() - t_all, 1), "args": vars(args)}
+               "greedy": greedy, "best_of_n": table, "temperature": args.temperature,
+               "seconds": timings, "wall_seconds": round(time.time() - t_all, 1),
+               "args": vars(args)}
     write_json(out / "results.json", results)
     print(f"\nheld-out chain-of-thought questions: {len(eval_q)} (greedy decoding)")
     for name, r in greedy.items():

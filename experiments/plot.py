@@ -1,7 +1,8 @@
 """
-Labelled PNG charts for the README's toy ablations, drawn with Pillow alone (no matplotlib dependency):
-grouped bars with error whiskers and an optional chance line (bar_chart), and curves over N (line_chart).
-Every chart is 720x420, white, in the colour-blind friendly Okabe-Ito palette; files are written atomically.
+Labelled PNG charts for the README's toy ablations, drawn with Pillow alone (no matplotlib
+dependency): grouped bars with error whiskers and an optional chance line (bar_chart), and curves
+over N (line_chart). Every chart is 720x420, white, in the colour-blind friendly Okabe-Ito palette;
+files are written atomically.
 """
 
 import math
@@ -13,10 +14,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 W, H = 720, 420
 # Okabe-Ito, most readable on white first (their yellow is last: it is faint on a white background)
-PALETTE = [(0, 114, 178), (230, 159, 0), (0, 158, 115), (213, 94, 0), (204, 121, 167), (86, 180, 233),
-           (0, 0, 0), (240, 228, 66)]
+PALETTE = [(0, 114, 178), (230, 159, 0), (0, 158, 115), (213, 94, 0), (204, 121, 167),
+           (86, 180, 233), (0, 0, 0), (240, 228, 66)]
 INK, GRID, WHISKER, REFERENCE = (30, 30, 30), (228, 228, 228), (40, 40, 40), (110, 110, 110)
-LEFT, RIGHT, BOTTOM = 72, W - 20, H - 56      # plot box; its top depends on how many legend rows there are
+# plot box; its top depends on how many legend rows there are
+LEFT, RIGHT, BOTTOM = 72, W - 20, H - 56
 
 
 @lru_cache(maxsize=None)
@@ -37,7 +39,7 @@ def _text(draw, x, y, s, size=12, fill=INK, ha="center", va="top"):
 
 
 def fmt3(v: float) -> str:
-    """3 significant digits, keeping trailing zeros so a column of values lines up: 0.452, 45.2, 1.86, 0.500."""
+    """3 significant digits, trailing zeros kept so a column lines up: 0.452, 45.2, 1.86, 0.500."""
     return "n/a" if math.isnan(v) else f"{v:#.3g}".rstrip(".")
 
 
@@ -50,7 +52,8 @@ def _nice_ceil(v: float) -> float:
 
 
 def _tick_step(span: float) -> float:
-    """The smallest nice step giving at most 6 ticks over span; the next smaller one gave >= 7, so this gives >= 4."""
+    """The smallest nice step giving at most 6 ticks over span (the next smaller one gave >= 7, so
+    this one gives >= 4)."""
     step = _nice_ceil(span / 6)
     while math.floor(span / step + 1e-9) + 1 > 6:
         step = _nice_ceil(step * 1.01)
@@ -58,7 +61,7 @@ def _tick_step(span: float) -> float:
 
 
 def _row(name, row, n, what):
-    """n floats; NaN means "missing" and is kept, anything else that is not a finite number is an error."""
+    """n floats; NaN means "missing" and is kept, anything else not a finite number is an error."""
     if len(row) != n:
         raise ValueError(f"{name} must have {n} entries ({what}), got {len(row)}")
     try:
@@ -86,7 +89,7 @@ def _errors(name, row, n, what):
 
 
 def _canvas(title, names, line):
-    """White image with the title and a legend row (wrapped if long) under it; returns (img, draw, plot top)."""
+    """White image, title, a legend row (wrapped if long) under it -> (img, draw, plot top)."""
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     _text(draw, W / 2, 10, title, size=16)
@@ -107,9 +110,10 @@ def _canvas(title, names, line):
 
 
 def _y_axis(img, draw, top, lo, hi, ylabel):
-    """Grid lines, tick labels and the axis line; returns value -> pixel row, clamped into the plot box."""
+    """Grid lines, tick labels and the axis line -> value to pixel row, clamped to the plot."""
     step = _tick_step(hi - lo)
-    decimals = next(d for d in range(8) if abs(round(step, d) - step) < 1e-9 * step)   # 0.25 -> 2, 20 -> 0
+    # 0.25 -> 2, 20 -> 0
+    decimals = next(d for d in range(8) if abs(round(step, d) - step) < 1e-9 * step)
 
     def y_of(v):
         return min(BOTTOM, max(top, BOTTOM - (v - lo) / (hi - lo) * (BOTTOM - top)))
@@ -160,15 +164,17 @@ def _save(img, path):
 def bar_chart(path, title: str, groups: list[str], series: list[str], values: list[list[float]],
               errors: list[list[float]] | None = None, ylabel: str = "", ymax: float | None = None,
               reference: dict[str, float] | None = None) -> None:
-    """Grouped bars: values[g][s] is series s in group g, errors[g][s] a ±error whisker. NaN draws "n/a"."""
+    """Grouped bars: values[g][s] is series s in group g, errors[g][s] its ±whisker; NaN: "n/a"."""
     if not groups:
         raise ValueError("groups must not be empty")
     if not series:
         raise ValueError("series must not be empty")
     n = len(series)
-    values = [_row(f"values[{g}]", row, n, "one per series") for g, row in enumerate(_seq("values", values, groups))]
+    values = [_row(f"values[{g}]", row, n, "one per series")
+              for g, row in enumerate(_seq("values", values, groups))]
     errors = [[0.0] * n for _ in groups] if errors is None else \
-        [_errors(f"errors[{g}]", row, n, "one per series") for g, row in enumerate(_seq("errors", errors, groups))]
+        [_errors(f"errors[{g}]", row, n, "one per series")
+         for g, row in enumerate(_seq("errors", errors, groups))]
     reference = dict(reference or {})
     if any(not math.isfinite(float(y)) for y in reference.values()):
         raise ValueError(f"reference values must be finite numbers, got {reference!r}")
@@ -189,7 +195,8 @@ def bar_chart(path, title: str, groups: list[str], series: list[str], values: li
                 _text(draw, cx, BOTTOM - 4, "n/a", size=11, va="bottom")
                 continue
             if y_of(v) < BOTTOM - 1:   # a zero (or negative, clipped) value has no bar to draw
-                draw.rectangle([x0 + 1, y_of(v), x0 + bw - 2, BOTTOM - 1], fill=PALETTE[s % len(PALETTE)])
+                draw.rectangle([x0 + 1, y_of(v), x0 + bw - 2, BOTTOM - 1],
+                               fill=PALETTE[s % len(PALETTE)])
             if e > 0:
                 _whisker(draw, cx, y_of(v - e), y_of(v + e))
             _text(draw, cx, y_of(v + e) - 3, fmt3(v), size=11, va="bottom")
@@ -204,8 +211,9 @@ def bar_chart(path, title: str, groups: list[str], series: list[str], values: li
 
 def line_chart(path, title: str, x: list[float], series: dict[str, list[float]],
                errors: dict[str, list[float]] | None = None, xlabel: str = "", ylabel: str = "",
-               xticklabels: list[str] | None = None, ymin: float | None = None, ymax: float | None = None) -> None:
-    """Curves: one polyline with markers per series, points evenly spaced by index; NaN leaves a gap and "n/a"."""
+               xticklabels: list[str] | None = None, ymin: float | None = None,
+               ymax: float | None = None) -> None:
+    """Curves: a polyline with markers per series, points evenly spaced; NaN: a gap and "n/a"."""
     if not x:
         raise ValueError("x must not be empty")
     if not series:
@@ -214,11 +222,13 @@ def line_chart(path, title: str, x: list[float], series: dict[str, list[float]],
     ys = {k: _row(f"series[{k!r}]", series[k], n, "one per x") for k in names}
     errors = dict(errors or {})
     if set(errors) - set(names):
-        raise ValueError(f"errors has keys that are not in series: {sorted(set(errors) - set(names))!r}")
+        extra = sorted(set(errors) - set(names))
+        raise ValueError(f"errors has keys that are not in series: {extra!r}")
     es = {k: _errors(f"errors[{k!r}]", errors.get(k, [0.0] * n), n, "one per x") for k in names}
     labels = [f"{v:g}" for v in _row("x", x, n, "")] if xticklabels is None else \
         [str(s) for s in _seq("xticklabels", xticklabels, x)]
-    span = [v + d for k in names for v, e in zip(ys[k], es[k]) if not math.isnan(v) for d in (-e, e)] or [0.0, 1.0]
+    span = [v + d for k in names for v, e in zip(ys[k], es[k]) if not math.isnan(v)
+            for d in (-e, e)] or [0.0, 1.0]
     lo = min(span) if ymin is None else float(ymin)
     hi = max(span) if ymax is None else float(ymax)
     if hi - lo < 1e-12:   # a flat curve: give it room
@@ -232,8 +242,8 @@ def line_chart(path, title: str, x: list[float], series: dict[str, list[float]],
     img, draw, top = _canvas(title, names, line=True)
     y_of = _y_axis(img, draw, top, lo, hi, ylabel)
     pad = 30   # keeps the first and last markers off the axis lines
-    xs = [LEFT + pad + i * (RIGHT - LEFT - 2 * pad) / max(1, len(x) - 1) for i in range(len(x))] if len(x) > 1 \
-        else [(LEFT + RIGHT) / 2]
+    xs = [LEFT + pad + i * (RIGHT - LEFT - 2 * pad) / max(1, len(x) - 1)
+          for i in range(len(x))] if len(x) > 1 else [(LEFT + RIGHT) / 2]
     for k, name in enumerate(names):
         c = PALETTE[k % len(PALETTE)]
         pts = [(px, None if math.isnan(v) else y_of(v)) for px, v in zip(xs, ys[name])]
