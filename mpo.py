@@ -32,8 +32,8 @@ from nanovl3.data import SampleStream, collate_padded, read_meta
 from nanovl3.evaluate import evaluate, load_eval_items
 from nanovl3.losses import RunningMean, lm_loss, mpo_loss, sequence_logps
 from nanovl3.model import InternVL
-from nanovl3.training import (Session, add_common_args, data_config, lr_factor, make_optimizer,
-                              param_groups, set_lr)
+from nanovl3.training import (Session, add_common_args, all_reduce_mean, data_config, lr_factor,
+                              make_optimizer, param_groups, set_lr)
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -174,7 +174,7 @@ with user_errors():
                 loss, stats, n = micro_step(S, tok, ref_model, running, pairs)
                 (loss / args.grad_accum).backward()
             tokens += n
-            stats["loss"] = S.mean(loss.detach()).item()
+            stats["loss"] = all_reduce_mean(loss.detach()).item()
             for k, v in stats.items():
                 rec[k] = rec.get(k, 0.0) + v / args.grad_accum
         S.optimizer_step(optimizer, params)

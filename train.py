@@ -34,9 +34,9 @@ from nanovl3.evaluate import evaluate, load_eval_items, text_perplexity
 from nanovl3.layers import drop_path_rates
 from nanovl3.losses import lm_loss, loss_weight_sum
 from nanovl3.model import InternVL, v2pe_packed_positions
-from nanovl3.training import (Session, add_common_args, data_config, flops_per_tile,
-                              flops_per_token, lr_factor, make_optimizer, measure_peak_flops,
-                              param_groups, set_lr)
+from nanovl3.training import (Session, add_common_args, all_reduce_mean, data_config,
+                              flops_per_tile, flops_per_token, lr_factor, make_optimizer,
+                              measure_peak_flops, param_groups, set_lr)
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -220,11 +220,11 @@ def run_stage(S: Session, tok, stage: str, steps: int, stream: PackedStream, sta
                 # Σw averaged over ranks (loss_reduction_all_gather): one weighted mean under DDP
                 denom = None
                 if S.ddp:
-                    denom = S.mean(loss_weight_sum(batch["labels"], batch["loss_weight"]))
+                    denom = all_reduce_mean(loss_weight_sum(batch["labels"], batch["loss_weight"]))
                 loss = lm_loss(logits, batch["labels"], batch["loss_weight"], denom) \
                     / args.grad_accum
             loss.backward()
-            loss_sum += S.mean(loss.detach()).item()  # the global weighted mean
+            loss_sum += all_reduce_mean(loss.detach()).item()  # the global weighted mean
         S.optimizer_step(optimizer, params)
         state["total_steps"] += 1
         bar.update(1)

@@ -32,10 +32,11 @@ from nanovl3.losses import IGNORE
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGE_TAG = "<image>"  # the placeholder users and data files write; never a token itself
-DEFAULT_SYSTEM_MESSAGE = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+DEFAULT_SYSTEM_MESSAGE = ("你是书生·万象，英文名是InternVL，"
+                          "是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
                           "多模态大语言模型。")
 # the released tokenizers' added tokens (Qwen2.5's + InternVL's), ids 0..11 in train_tokenizer
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT,
+ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT,
                   "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 SEP, USER, ASSISTANT = "<|im_end|>\n", "<|im_start|>user\n", "<|im_start|>assistant\n"
 
@@ -87,15 +88,15 @@ class Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A byte-level BPE (GPT-2 / Qwen2 style) with SPECIAL_TOKENS at ids 0..11, for the toy world
+    """A byte-level BPE (GPT-2 / Qwen2 style) with ADDED_TOKENS at ids 0..11, for the toy world
     and tests. Every UTF-8 byte is in its base alphabet: any text round-trips (Chinese too)."""
-    if vocab_size < (need := len(SPECIAL_TOKENS) + 256):
+    if vocab_size < (need := len(ADDED_TOKENS) + 256):
         raise UserError(f"vocab_size={vocab_size}: a byte-level BPE needs at least {need}")
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=ADDED_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(texts, trainer)  # special tokens become "added" tokens: never split
     return Tokenizer(tk)

@@ -208,9 +208,6 @@ class Session:
         """DDP's gradient all-reduce only after the last micro-batch of a step."""
         return self.model.no_sync() if self.ddp and not last_micro else torch.enable_grad()
 
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce_mean(x) if self.ddp else x
-
     def optimizer_step(self, optimizer, params):
         if self.args.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.args.clip)

@@ -7,12 +7,13 @@ OpenGVLab/InternVL conversation.py and train/dataset.py `preprocess_internvl2_5`
 
 import pytest
 
-from nanovl3.chat import (DEFAULT_SYSTEM_MESSAGE, SPECIAL_TOKENS, Tokenizer, expand_image_tokens,
+from nanovl3.chat import (DEFAULT_SYSTEM_MESSAGE, ADDED_TOKENS, Tokenizer, expand_image_tokens,
                           render_prompt, tokenize_conversation, train_tokenizer)
 from nanovl3.common import UserError
 
 # written out by hand from conversation.py, template internvl2_5
-SYS = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+SYS = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、"
+       "清华大学及多家合作单位联合开发的多模态大语言模型。")
 CTX = "<IMG_CONTEXT>"
 TEXTS = ["What colour is the circle? It is red.",
          "How many shapes are there? There are three shapes.",
@@ -106,12 +107,12 @@ def test_expand_image_tokens():
 
 
 def test_round_trip_and_special_tokens(tok):
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert [tok.token_to_id(t) for t in ADDED_TOKENS] == list(range(len(ADDED_TOKENS)))
     for text in [SYS, "What colour is the circle?", "unseen: Zebra ü ß 🙂 \t\n  x",
                  "<|im_start|>user\nhi<|im_end|>\n"]:
         ids = tok.encode(text)
         assert tok.decode(ids, skip_special_tokens=False) == text
-    for t in SPECIAL_TOKENS:
+    for t in ADDED_TOKENS:
         assert tok.encode(t) == [tok.token_to_id(t)]  # one id, never split
         assert tok.encode("x" + t + "y")[1] == tok.token_to_id(t)  # and never merged with others
     prompt = render_prompt("Describe the image.", [2], tokens_per_tile=4)
@@ -127,7 +128,7 @@ def test_round_trip_and_special_tokens(tok):
 def test_tokenizer_ids_and_io(tok, tmp_path):
     assert tok.stop_ids == [tok.im_end_id, tok.endoftext_id] == [2, 0]
     assert tok.pad_id == tok.endoftext_id == 0 and tok.im_start_id == 1
-    assert len(SPECIAL_TOKENS) + 256 < tok.vocab_size <= 400  # BPE stops early, out of pairs
+    assert len(ADDED_TOKENS) + 256 < tok.vocab_size <= 400  # BPE stops early, out of pairs
     tok.save(tmp_path / "ckpt")
     for path in [tmp_path / "ckpt", tmp_path / "ckpt" / "tokenizer.json"]:
         again = Tokenizer.from_dir(path)
