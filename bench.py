@@ -3,11 +3,13 @@ Speed bench: nanovl3 and transformers' InternVLForConditionalGeneration side by 
 the same random weights (transformers draws them, nanovl3 loads its -hf save, as
 tests/test_parity.py does).
 
-    python bench.py                             # small shape, all figures: bench/results.{json,md}
+    python bench.py                             # small shape, all figures: runs/bench/results.*
+    python bench.py --publish                   # ... into the committed bench/results.{json,md}
     python bench.py --shape small,internvl3-1b  # also the 1B shape (random weights, bf16 inference)
     python bench.py --short                     # tiny shape, 2 repeats, few tokens: a smoke test
                                                 # (~1 min; more while torch.compile fills its cache)
     python bench.py --figures decode,prefill    # a subset while developing
+    python bench.py --shape internvl3-1b --figures memory   # fine-tuning memory, checkpointing
 
 Every timed figure is the median of --repeats runs with its min-max, and the two implementations
 alternate (A B A B ...) so that a shared, noisy host slows both alike. The ratio is nanovl3 /
@@ -36,6 +38,10 @@ comparison is void).
                    every page touched
   compile          nanovl3 eager vs torch.compile: decode step (b1, timed with `decode`) and
                    training step, and the compile time (skipped for internvl3-1b on CPU).
+  memory           nanovl3 only: peak memory of one forward + backward (bf16 autocast over fp32
+                   weights, 1 tile + text, min(--train-tokens, 1024) tokens) with and without
+                   activation checkpointing (train.py --grad-checkpoint), each in a fresh process;
+                   CPU: peak RSS, CUDA: max_memory_allocated. Not in `all` (the 1B shape: ~10 GB).
 CUDA: bf16, clocks read after a synchronize, compiled decode with mode="reduce-overhead" (CPU:
 Inductor freezing, with fast.py's split matrix-vector products inside the graph). CPU: bf16 for the
 internvl3-1b shape, else fp32 (--dtype). The 1B shape's training figures need more memory than a CPU
@@ -57,7 +63,7 @@ import torch.nn.functional as F
 
 from experiments.hf_reference import scramble  # re-draws every weight: each part moves the logits
 from nanovl3.checkpoint import config_to_json
-from nanovl3.common import atomic_path
+from nanovl3.common import ArgumentParser, atomic_path
 from nanovl3.config import TextConfig, VisionConfig, VLConfig, preset
 from nanovl3.data import Sample, collate_packed, collate_padded, pack_samples
 from nanovl3.fast import speed_up
@@ -81,14 +87,15 @@ TABLE_NOTE = (  # the header of results.md, after the command and the machine
 # -----------------------------------------------------------------------------
 # args
 
-parser = argparse.ArgumentParser(description=__doc__,
+parser = ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--shape", default="small",
                     help="comma list of: tiny, small, toy, internvl3-1b")
 parser.add_argument("--short", action="store_true",
                     help="tiny shape, 2 repeats, few tokens: a smoke test")
 parser.add_argument("--figures", default="all",
-                    help="comma list of: peak, prefill, decode, train, sft, load, compile")
+                    help="comma list of: peak, prefill, decode, train, sft, load, compile, "
+                         "memory (all: all but memory)")
 parser.add_argument("--repeats", type=int, default=3,
                     help="timed runs per figure and implementation (median, min-max)")
 parser.add_argument("--new-tokens", type=int, default=128,
@@ -102,13 +109,18 @@ parser.add_argument("--no-hf", action="store_true",
 parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
 parser.add_argument("--dtype", default="auto",
                     help="auto (bf16 on CUDA and for internvl3-1b, else fp32) | bf16 | fp32")
-parser.add_argument("--out", default="bench/results.json",
-                    help="JSON results; the table goes next to it as .md (both written atomically)")
+parser.add_argument("--out", default="runs/bench/results.json",
+                    help="JSON results, a scratch path by default (runs/bench/results.json); the "
+                         "table goes next to it as .md (both written atomically)")
+parser.add_argument("--publish", action="store_true",
+                    help="write the committed bench/results.json and .md instead of --out")
 args = parser.parse_args()
+if args.publish:  # a scratch run never replaces the published figures by accident
+    args.out = "bench/results.json"
 if args.short:
     args.shape, args.repeats, args.new_tokens, args.train_tokens = "tiny", 2, 8, 384
-FIGURES = {"peak", "prefill", "decode", "train", "sft", "load", "compile"}
-figures = FIGURES if args.figures == "all" else set(args.figures.split(","))
+FIGURES = {"peak", "prefill", "decode", "train", "sft", "load", "compile", "memory"}
+figures = FIGURES - {"memory"} if args.figures == "all" else set(args.figures.split(","))
 assert figures <= FIGURES, f"--figures: unknown {sorted(figures - FIGURES)}"
 
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -256,13 +268,9 @@ def timed(fn) -> float:
 # -----------------------------------------------------------------------------
 # peak memory of loading, in a fresh process
 
-LOAD_PROBE = r"""
+RSS = r"""
 import json, resource, sys
-import torch, nanovl3
-which, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
-if which == "transformers":
-    from transformers import InternVLForConditionalGeneration
-from nanovl3.model import InternVL
+import torch
 
 
 def status(key):  # bytes, from /proc/self/status (Linux); None elsewhere
@@ -275,11 +283,23 @@ def status(key):  # bytes, from /proc/self/status (Linux); None elsewhere
 
 # ru_maxrss would still hold a transient peak of the imports: on Linux reset the high-water mark
 # first (clear_refs) and read it back as VmHWM, the counter ru_maxrss reports
-try:
-    open("/proc/self/clear_refs", "w").write("5")
-except OSError:
-    pass
-base = status("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def reset_peak() -> int:  # -> the RSS now
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+    except OSError:
+        pass
+    return status("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss() -> int:
+    return status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+LOAD_PROBE = RSS + r"""
+which, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+if which == "transformers":
+    from transformers import InternVLForConditionalGeneration
+from nanovl3.model import InternVL
+base = reset_peak()
 if which == "nanovl3":
     m = InternVL.from_pretrained(path, dtype=dtype, device="cpu")
 else:
@@ -287,8 +307,7 @@ else:
 params = {id(p): p for p in m.parameters()}.values()
 for p in params:  # touch every page: a lazily memory-mapped load must count too
     p.detach().reshape(-1)[:: max(1, 4096 // p.element_size())].sum()
-peak = status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"base": base, "peak": peak,
+print(json.dumps({"base": base, "peak": peak_rss(),
                   "weights": sum(p.numel() * p.element_size() for p in params)}))
 """
 
@@ -300,6 +319,61 @@ def load_probe(which: str, path: str, dtype) -> float:
     assert r.returncode == 0, f"load probe ({which}) failed:\n{r.stderr[-2000:]}"
     d = json.loads(r.stdout.strip().splitlines()[-1])
     return (d["peak"] - d["base"]) / d["weights"]
+
+
+# peak memory of one training step (train.py's fine-tuning path), in a fresh process
+MEMORY_PROBE = RSS + r"""
+from nanovl3.checkpoint import config_from_json
+from nanovl3.losses import lm_loss
+from nanovl3.model import InternVL
+from nanovl3.training import checkpoint_layers
+cfg, _ = config_from_json(json.loads(sys.argv[1]))
+dev, T, grad_checkpoint = torch.device(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+with torch.device("meta"):
+    model = InternVL(cfg)
+model = model.to_empty(device=dev)  # fp32: the master weights
+model.init_weights()
+model.train()
+if grad_checkpoint:
+    checkpoint_layers(model)
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(2, cfg.text.vocab_size - 2, (1, T), generator=g)
+ids[0, 8:8 + cfg.num_image_token] = cfg.image_token_id  # one 448-px tile, then text
+pix = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+ids, pix = ids.to(dev), pix.to(dev)
+if dev.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+else:
+    base = reset_peak()
+with torch.autocast(dev.type, dtype=torch.bfloat16):
+    loss = lm_loss(model(ids, pix), ids)
+loss.backward()
+peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else peak_rss()
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"base": base, "peak": peak, "weights": weights}))
+"""
+
+
+def bench_memory(shape: str, cfg: VLConfig):
+    """Peak memory of one step with and without --grad-checkpoint, each alone in a process."""
+    T = min(args.train_tokens, 1024)
+    got, cfg_json = {}, json.dumps(config_to_json(cfg, "hf"))  # -hf: keeps image_token_id
+    for ckpt in (1, 0):
+        r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, cfg_json, str(device), str(T),
+                            str(ckpt)], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+        assert r.returncode == 0, f"memory probe failed:\n{r.stderr[-2000:]}"
+        got[ckpt] = json.loads(r.stdout.strip().splitlines()[-1])
+    what = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+    GiB = 2 ** 30
+    record(shape, "train_memory", f"{what} of one training step, {T} tokens (1 tile), bf16 "
+           f"autocast, fp32 weights: checkpointed / not", "GiB", [got[1]["peak"] / GiB],
+           [got[0]["peak"] / GiB], against="no checkpointing",
+           note=f"fp32 weights alone: {got[1]['weights'] / GiB:.2f} GiB")
+    record(shape, "train_memory_step", "the same, above the loaded weights (gradients + "
+           "activations): checkpointed / not", "GiB", [(got[1]["peak"] - got[1]["base"]) / GiB],
+           [(got[0]["peak"] - got[0]["base"]) / GiB], against="no checkpointing")
 
 
 # -----------------------------------------------------------------------------
@@ -611,6 +685,10 @@ def bench_shape(shape: str):
     # torch.compile recompile with dynamic shapes (toy train step: 1,106 s after the small shape's,
     # 23 s alone)
     torch._dynamo.reset()
+    if "memory" in figures:  # first, before this process holds any model
+        bench_memory(shape, cfg)
+    if not figures - {"memory"}:
+        return
     with tempfile.TemporaryDirectory(prefix="nanovl3-bench-") as tmp:
         t0 = time.time()
         model, ref = build_models(cfg, dtype, tmp)

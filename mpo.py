@@ -3,6 +3,7 @@ Mixed Preference Optimization after SFT (InternVL3 §2.3, arXiv 2504.10479; MPO,
 
     python mpo.py --init-from runs/toy/ckpt --data runs/reasoning/pairs/meta.json --out-dir runs/mpo
     torchrun --nproc-per-node 2 mpo.py --init-from ... --data ...      # DDP, same script
+    torchrun --nproc-per-node 2 mpo.py --fsdp ...    # FSDP2: policy and reference sharded
 
 Data: the MMPR format (OpenGVLab/MMPR): meta.json {name: {root, annotation, repeat_time, ...}} +
 JSONL lines {"image", "question", "chosen", "rejected"}. Each step takes --batch-size pairs per
@@ -26,19 +27,19 @@ import torch
 from tqdm import tqdm
 
 from nanovl3.chat import Tokenizer
-from nanovl3.checkpoint import load_train_state, restore_run, save_run
-from nanovl3.common import UserError, print0, user_errors
+from nanovl3.checkpoint import load_train_state
+from nanovl3.common import ArgumentParser, UserError, print0, user_errors
 from nanovl3.data import SampleStream, collate_padded, read_meta
 from nanovl3.evaluate import evaluate, load_eval_items
 from nanovl3.losses import RunningMean, lm_loss, mpo_loss, sequence_logps
 from nanovl3.model import InternVL
 from nanovl3.training import (Session, add_common_args, all_reduce_mean, data_config, lr_factor,
-                              make_optimizer, param_groups, set_lr)
+                              make_optimizer, param_groups, set_lr, shard)
 
 # -----------------------------------------------------------------------------
 # arguments
 
-parser = argparse.ArgumentParser(description="nanovl3 MPO: preference training from a checkpoint",
+parser = ArgumentParser(description="nanovl3 MPO: preference training from a checkpoint",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # the official 1B recipe: lr 2e-7 at a batch of 256 pairs; the toy's batch of 8 wants more
 add_common_args(parser, out_dir="runs/mpo", lr=2e-5, log_interval=10, eval_per_type=-1)
@@ -70,6 +71,8 @@ def check_args():
         raise UserError("--pref-weight, --quality-weight, --gen-weight must be >= 0 and not all 0")
     if args.batch_size < 1 or args.grad_accum < 1 or args.steps < 1:
         raise UserError("--steps, --batch-size and --grad-accum must be >= 1")
+    if args.eval_file and not os.path.isfile(args.eval_file):  # found out now, not after training
+        raise UserError(f"--eval-file {args.eval_file}: no such file")
 
 
 def make_stream(S: Session, tok: Tokenizer) -> SampleStream:
@@ -125,7 +128,7 @@ def log_line(done: int, stop: int, window: list, lr: float, tokens: int, dt: flo
 
 with user_errors():
     check_args()
-    S = Session(args)
+with user_errors(), Session(args) as S:
     resume_state = load_train_state(os.path.join(args.out_dir, "ckpt")) if args.resume else None
     if resume_state and resume_state.get("stage") != "mpo":
         raise UserError(f"--resume: {args.out_dir}/ckpt was not written by mpo.py")
@@ -142,6 +145,8 @@ with user_errors():
     else:
         ref_model = InternVL.from_pretrained(ref_dir, torch.float32, S.device)
     ref_model.eval().requires_grad_(False)
+    if S.fsdp:
+        shard(ref_model)
     S.wrap(raw)
     groups = param_groups(raw, {p for p in args.freeze.split(",") if p},
                           {k: args.lr for k in ("vit", "mlp", "llm")}, args.weight_decay)
@@ -151,7 +156,7 @@ with user_errors():
     running = RunningMean()
     start = 0
     if resume_state:
-        restore_run(resume_state, optimizer, stream, S.rank, S.world)
+        S.restore(resume_state, optimizer, stream)
         running.load_state_dict(resume_state["running"])
         start = resume_state["step"]
         print0(f"resumed at step {start} (δ = {running.mean:.4f})")
@@ -165,6 +170,7 @@ with user_errors():
     bar = tqdm(total=args.steps, initial=start, desc="mpo", leave=False,
                disable=S.rank != 0 or not sys.stderr.isatty())
     t_last, tokens, window = time.time(), 0, []
+    S.at = f"mpo step {start}"
     for step in range(start, stop):
         set_lr(optimizer, lr_factor(step, args.steps, warmup))
         rec = {}
@@ -182,6 +188,7 @@ with user_errors():
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.2f}")
         S.logger.log({"stage": "mpo", "step": done, "lr": lr, **rec})
+        S.at = f"mpo step {done}"
         window.append(rec)
         if done % args.log_interval == 0 or done == stop:
             line = log_line(done, stop, window, lr, tokens, time.time() - t_last, S.world)
@@ -189,19 +196,23 @@ with user_errors():
                 bar.write(line)
             t_last, tokens, window = time.time(), 0, []
         if done % args.ckpt_interval == 0 or done == stop:
-            save_run(os.path.join(args.out_dir, "ckpt"), raw, tok, stream, {
-                "stage": "mpo", "step": done, "optimizer": optimizer.state_dict(),
-                "running": running.state_dict(), "args": vars(args)}, S.rank, S.world)
+            S.save(os.path.join(args.out_dir, "ckpt"), tok, stream, optimizer, {
+                "stage": "mpo", "step": done, "running": running.state_dict(),
+                "args": vars(args)})
     bar.close()
     if stream.skipped:
-        print0(f"skipped {stream.skipped} bad preference lines (last: {stream.last_error})")
+        print0(f"preference data: {stream.skip_report()}")
 
-    if args.eval_file and args.eval_per_type != 0 and stop == args.steps and S.rank == 0:
-        res = evaluate(raw, tok, load_eval_items(args.eval_file), max_per_type=args.eval_per_type)
-        S.write_eval(res)
-        print0("held-out accuracy after MPO: " + " | ".join(
-            f"{k} {100 * r['accuracy']:.1f}% (n={r['n']})"
-            for k, r in sorted(res["types"].items())))
+    if args.eval_file and args.eval_per_type != 0 and stop == args.steps:
+        S.at = "the final evaluation"
+        final = S.full_model(S.device)  # under FSDP every rank helps gather it
+        if S.rank == 0:
+            res = evaluate(final, tok, load_eval_items(args.eval_file),
+                           max_per_type=args.eval_per_type)
+            S.write_eval(res)
+            print0("held-out accuracy after MPO: " + " | ".join(
+                f"{k} {100 * r['accuracy']:.1f}% (n={r['n']})"
+                for k, r in sorted(res["types"].items())))
     print0(f"wall time {time.time() - S.t_start:.0f}s | checkpoint "
            f"{os.path.join(args.out_dir, 'ckpt')}")
     S.close()

@@ -93,6 +93,7 @@ CLOSEUP_SIZE = (0.4, 0.75)  # side of the shape's box / side of the canvas
 
 SIZES = {  # --size presets for the CLI; generate() defaults are "full"
     "small": dict(n_sft=60, n_closeup=40, n_pretrain=16, n_text=24, n_eval=5),
+    "quick": dict(n_sft=400, n_closeup=2400, n_pretrain=100, n_eval=20),  # train.py --quick
     "full": dict(n_sft=4000, n_closeup=12000, n_pretrain=1500, n_text=2000, n_eval=100),
 }
 
@@ -854,16 +855,16 @@ def generate(out_dir: str, seed: int = 0, n_sft: int = 4000, n_closeup: int = 12
     return {**summary(root, done), "seconds": round(time.time() - t0, 2)}
 
 
-def ensure(out_dir: str) -> dict:
+def ensure(out_dir: str, size: str = "full") -> dict:
     """The toy world in out_dir as train.py expects it: kept if one of this FORMAT_VERSION is there
-    (any size or seed, e.g. a test's small world), otherwise generated with the defaults (also over
+    (any size or seed, e.g. a test's small world), otherwise generated at SIZES[size] (also over
     an older version)."""
     root = Path(out_dir).resolve()
     done = read_done(root)
     if done and done.get("params", {}).get("version") == FORMAT_VERSION:
         return summary(root, done)
     print(f"generating the toy world in {out_dir} ...", flush=True)
-    return generate(out_dir, seed=0)
+    return generate(out_dir, seed=0, **SIZES[size])
 
 
 def file_digest(path) -> str:
@@ -881,7 +882,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0,
                         help="world seed; same seed -> identical files")
     parser.add_argument("--size", choices=list(SIZES), default="full",
-                        help="small: tests; full: the CPU toy run")
+                        help="small: tests; quick: train.py --quick; full: the CPU toy run")
     parser.add_argument("--vocab-size", type=int, default=1024,
                         help="BPE vocabulary size of tokenizer.json")
     args = parser.parse_args()

@@ -2,7 +2,10 @@
 Small random checkpoints of transformers' InternVL (the reference), in both layouts, for the parity
 tests and bench.py.
 
-    ref, hf_dir, orig_dir = make_reference(tmp_path, tie=False, vit6b=False)
+    ref, hf_dir, orig_dir = make_reference(tmp_path, tie=False, vit6b=False, llm="qwen2")
+
+llm="qwen3" builds the InternVL3.5 shape: a Qwen3 text model (per-head q/k norm, no qkv bias) with
+an explicit head_dim, so that heads * head_dim (96) differs from the hidden size (64).
 
 `hf_dir` is written by transformers' own save_pretrained. `orig_dir` is the OpenGVLab layout,
 produced here by inverting the key renames of transformers'
@@ -21,7 +24,7 @@ IMAGE_TOKEN_ID = 1000  # placed inside the small vocab
 
 def reference_config(tie=False, vit6b=False, width=64, layers=2, vocab=1024, image_size=448,
                      text_width=None, text_layers=None, text_inter=None, heads=4, kv_heads=2,
-                     vit_inter=None):
+                     vit_inter=None, llm="qwen2"):
     from transformers import InternVLConfig
     vision = dict(hidden_size=width, intermediate_size=vit_inter or 2 * width,
                   num_attention_heads=heads, num_hidden_layers=layers, image_size=image_size,
@@ -34,6 +37,8 @@ def reference_config(tie=False, vit6b=False, width=64, layers=2, vocab=1024, ima
                 num_attention_heads=heads, num_key_value_heads=kv_heads, rope_theta=1e6,
                 max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=tie,
                 bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    if llm == "qwen3":
+        text.update(model_type="qwen3", head_dim=24, attention_bias=False)
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
                           image_seq_length=(image_size // 14) ** 2 // 4, tie_word_embeddings=tie)
 
@@ -61,15 +66,17 @@ def scramble(model, seed=0):
             p.copy_(r / fan_in ** 0.5)
 
 
-def make_reference(root, tie=False, vit6b=False, seed=0, **kw):
+def make_reference(root, tie=False, vit6b=False, seed=0, llm="qwen2", **kw):
     """-> (transformers model in fp32 eval mode, hf_dir, orig_dir)."""
     from transformers import InternVLForConditionalGeneration
     torch.manual_seed(seed)
-    ref = InternVLForConditionalGeneration(reference_config(tie=tie, vit6b=vit6b, **kw)).eval()
+    ref = InternVLForConditionalGeneration(reference_config(tie=tie, vit6b=vit6b, llm=llm, **kw))
+    ref = ref.eval()
     scramble(ref, seed)
-    hf_dir = os.path.join(str(root), f"hf-tie{int(tie)}-6b{int(vit6b)}")
+    name = f"tie{int(tie)}-6b{int(vit6b)}-{llm}"
+    hf_dir = os.path.join(str(root), f"hf-{name}")
     ref.save_pretrained(hf_dir)
-    orig_dir = os.path.join(str(root), f"orig-tie{int(tie)}-6b{int(vit6b)}")
+    orig_dir = os.path.join(str(root), f"orig-{name}")
     write_original_layout(hf_dir, orig_dir)
     return ref, hf_dir, orig_dir
 
@@ -110,7 +117,12 @@ def write_original_layout(hf_dir, orig_dir):
     llm = {k: t[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                              "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
                              "max_position_embeddings", "bos_token_id", "eos_token_id") if k in t}
-    llm.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=rope_theta,
+    if t["model_type"] == "qwen3":  # InternVL3.5: a Qwen3Config dict, head_dim explicit
+        llm.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=t["head_dim"],
+                   attention_bias=False)
+    else:
+        llm.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    llm.update(rope_theta=rope_theta,
                rope_scaling={"type": "dynamic", "factor": 2.0},
                tie_word_embeddings=cfg.get("tie_word_embeddings"))
     vision = dict(architectures=["InternVisionModel"], model_type="intern_vit_6b",

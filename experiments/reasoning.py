@@ -369,7 +369,7 @@ def main():
     stage("mpo", out / "mpo" / "ckpt" / "config.json", lambda: run(
         ["mpo.py", "--init-from", args.sft, "--data", str(out / "pairs" / "meta.json"), "--out-dir",
          str(out / "mpo"), "--steps", str(args.mpo_steps), "--lr", str(args.mpo_lr), "--seed",
-         str(args.seed)],
+         str(args.seed), "--overwrite"],
         out / "mpo.log"))
 
     def prm_data():
@@ -381,7 +381,8 @@ def main():
     stage("prm", out / "prm_ckpt" / "ckpt" / "config.json", lambda: run(
         ["train.py", "--stage", "sft", "--init-from", args.sft, "--sft-meta",
          str(out / "prm" / "meta.json"), "--out-dir", str(out / "prm_ckpt"), "--sft-steps",
-         str(args.prm_steps), "--eval-per-type", "0", "--seed", str(args.seed)], out / "prm.log"))
+         str(args.prm_steps), "--eval-per-type", "0", "--seed", str(args.seed),
+         "--overwrite"], out / "prm.log"))
 
     # ---- 7. evaluation
     t = time.time()

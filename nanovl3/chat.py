@@ -21,11 +21,14 @@ conversation.py (template internvl2_5), model/internvl_chat/modeling_internvl_ch
 train/dataset.py (`preprocess_internvl2_5`); the InternVL3-1B tokenizer files on the HF hub.
 Tests: python -m pytest -q tests/test_chat.py"""
 
+import json
+import math
 import os
+import re
 from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from nanovl3.common import UserError
 from nanovl3.losses import IGNORE
@@ -39,6 +42,10 @@ DEFAULT_SYSTEM_MESSAGE = ("你是书生·万象，英文名是InternVL，"
 ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT,
                   "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 SEP, USER, ASSISTANT = "<|im_end|>\n", "<|im_start|>user\n", "<|im_start|>assistant\n"
+# Qwen2's pre-tokeniser split (transformers' models/qwen2/tokenization_qwen2.py PRETOKENIZE_REGEX):
+# contractions, letter runs with one leading non-letter, single digits, punctuation, whitespace
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+               r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 class Tokenizer:
@@ -49,8 +56,12 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
-        """A checkpoint directory holding tokenizer.json, or the tokenizer.json itself."""
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else str(path)
+        """A checkpoint directory (its tokenizer.json, else the same tokenizer built from
+        vocab.json + merges.txt + its added tokens), or a tokenizer.json itself."""
+        path = str(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if os.path.isdir(path) and not os.path.isfile(file):
+            return cls(_bpe_from_vocab(path), path)
         if not os.path.isfile(file):
             raise UserError(f"{file}: tokenizer file not found")
         try:
@@ -87,6 +98,57 @@ class Tokenizer:
     stop_ids = property(lambda self: [self.im_end_id, self.endoftext_id])
 
 
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})")
+
+
+def added_tokens(d: str) -> dict[int, dict]:
+    """{id: {"content": ..., "special": ...}}: the added tokens a checkpoint directory declares,
+    in tokenizer.json, else in added_tokens.json ({content: id}) and tokenizer_config.json
+    (`added_tokens_decoder`, which also says which are special)."""
+    if os.path.isfile(file := os.path.join(d, "tokenizer.json")):
+        return {t["id"]: t for t in _read_json(file).get("added_tokens", [])}
+    out = {}
+    if os.path.isfile(file := os.path.join(d, "added_tokens.json")):
+        out = {i: {"content": c, "special": True} for c, i in _read_json(file).items()}
+    if os.path.isfile(file := os.path.join(d, "tokenizer_config.json")):
+        decoder = _read_json(file).get("added_tokens_decoder") or {}
+        out.update({int(i): t for i, t in decoder.items()})
+    return out
+
+
+def _bpe_from_vocab(d: str) -> HFTokenizer:
+    """The tokenizer a release's vocab.json + merges.txt + added tokens describe, built as
+    transformers' Qwen2Tokenizer builds it: NFC, the split regex, byte-level BPE, added tokens."""
+    files = [os.path.join(d, f) for f in ("vocab.json", "merges.txt")]
+    for f in files:
+        if not os.path.isfile(f):
+            raise UserError(f"{d}: no tokenizer.json, and no {os.path.basename(f)} to build the "
+                            "tokenizer from (it needs vocab.json + merges.txt)")
+    try:
+        tk = HFTokenizer(models.BPE.from_file(*files))
+    except Exception as e:  # tokenizers raises plain Exceptions
+        why = str(e).splitlines()[0][:200]
+        raise UserError(f"{d}: vocab.json / merges.txt are not a readable BPE ({why})")
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    for i, t in sorted(added_tokens(d).items()):  # in id order: each takes the next free id
+        flags = {k: t[k] for k in ("lstrip", "rstrip", "single_word") if k in t}
+        tk.add_tokens([AddedToken(t["content"], special=t.get("special", True),
+                                  normalized=t.get("normalized", False), **flags)])
+        if (got := tk.token_to_id(t["content"])) != i:
+            raise UserError(f"{d}: added token {t['content']} has id {i} but would get {got} "
+                            "(added ids must follow vocab.json's without gaps)")
+    return tk
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE (GPT-2 / Qwen2 style) with ADDED_TOKENS at ids 0..11, for the toy world
     and tests. Every UTF-8 byte is in its base alphabet: any text round-trips (Chinese too)."""
@@ -120,17 +182,30 @@ def expand_image_tokens(text: str, num_tiles: list[int], tokens_per_tile: int) -
     return "".join(out)
 
 
+def add_image_tags(question: str, n_images: int, history: list[tuple[str, str]] = (),
+                   video: bool = False) -> str:
+    """Put n images' <image> tags before a question when neither it nor its history has any:
+    "<image>\\n" for one (upstream `chat`), "Image-1: <image>\\nImage-2: <image>\\n" for several,
+    "Frame1: <image>\\n...FrameN: <image>\\n" for video frames (both: the InternVL3 model card)."""
+    if not n_images or IMAGE_TAG in question or any(IMAGE_TAG in q for q, _ in history):
+        return question
+    if video:
+        tags = [f"Frame{k + 1}: {IMAGE_TAG}\n" for k in range(n_images)]
+    else:
+        tags = [IMAGE_TAG + "\n"] if n_images == 1 else \
+            [f"Image-{k + 1}: {IMAGE_TAG}\n" for k in range(n_images)]
+    return "".join(tags) + question
+
+
 def render_prompt(question: str, num_tiles: list[int], tokens_per_tile: int = 256,
-                  history: list[tuple[str, str]] = (), system_message: str = DEFAULT_SYSTEM_MESSAGE,
+                  history: list[tuple[str, str]] = (), system_message: str | None = None,
                   expand: bool = True) -> str:
-    """The generation prompt of upstream `chat`: system, past turns, question, assistant role.
-    Images with no <image> tag anywhere go before the question: "<image>\\n" for one (as `chat`),
-    "Image-1: <image>\\nImage-2: <image>\\n" for several (the InternVL3 model card). Tags in history
-    questions count too, in order. expand=False leaves the <image> tags in place (for display)."""
-    if num_tiles and not any(IMAGE_TAG in q for q, _ in history) and IMAGE_TAG not in question:
-        tags = [IMAGE_TAG + "\n"] if len(num_tiles) == 1 else \
-            [f"Image-{k + 1}: {IMAGE_TAG}\n" for k in range(len(num_tiles))]
-        question = "".join(tags) + question
+    """The generation prompt of upstream `chat`: system (None: the template's; a checkpoint's own is
+    cfg.system_message), past turns, question, assistant role. Images with no <image> tag anywhere
+    go before the question (add_image_tags). Tags in history questions count too, in order.
+    expand=False leaves the <image> tags in place (for display)."""
+    question = add_image_tags(question, len(num_tiles), history)
+    system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
     # MPT style: system + sep, then role + message + sep per message; an open turn is the bare role
     prompt = f"<|im_start|>system\n{system_message}" + SEP
     for q, a in history:
@@ -194,3 +269,41 @@ def tokenize_conversation(tok: Tokenizer, conversations: list[dict], num_tiles: 
             labels += [IGNORE] * n_role + ids[n_role:-1] + [IGNORE]
         input_ids += ids
     return input_ids, labels
+
+
+# -----------------------------------------------------------------------------
+# grounding answers: <ref>label</ref><box>[[x1, y1, x2, y2], ...]</box>
+
+BOX_RE = re.compile(r"(?:<ref>([^<]*)</ref>\s*)?<box>(.*?)</box>", re.S)
+
+
+def parse_boxes(text: str) -> tuple[list[tuple[str, tuple[float, ...]]], list[str]]:
+    """A grounding answer -> ([(label, (x1, y1, x2, y2))], problems). Coordinates are normalised
+    to 0..1000 of the image, as InternVL's grounding data (upstream eval/refcoco/
+    evaluate_grounding.py scales them by width/1000 and height/1000). A malformed box is described
+    in `problems` and skipped, never raised: the text comes from a model."""
+    boxes, problems = [], []
+    for m in BOX_RE.finditer(text):
+        label, body = (m.group(1) or "").strip(), m.group(2).strip()
+        try:
+            lists = json.loads(body)
+        except ValueError:
+            lists = None
+        if isinstance(lists, list) and lists and not isinstance(lists[0], list):
+            lists = [lists]  # one flat [x1, y1, x2, y2]
+        if not isinstance(lists, list) or not lists:
+            problems.append(f"{label!r}: {body[:40]!r} is not a list of [x1, y1, x2, y2]")
+            continue
+        for b in lists:
+            if not (isinstance(b, list) and len(b) == 4 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+                problems.append(f"{label!r}: {b!r} is not four numbers [x1, y1, x2, y2]")
+            elif not all(math.isfinite(v) and 0 <= v <= 1000 for v in b):
+                problems.append(f"{label!r}: {b} has coordinates outside 0-1000")
+            elif b[2] < b[0] or b[3] < b[1]:
+                problems.append(f"{label!r}: {b} has x2 < x1 or y2 < y1")
+            else:
+                boxes.append((label, tuple(float(v) for v in b)))
+    if (n := text.count("<box>") - text.count("</box>")) > 0:
+        problems.append(f"{n} <box> without </box>")
+    return boxes, problems

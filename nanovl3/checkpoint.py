@@ -18,23 +18,26 @@ import json
 import math
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from nanovl3.common import UserError, atomic_path, pick_device, pick_dtype
+from nanovl3.chat import IMG_CONTEXT, added_tokens
+from nanovl3.common import UserError, atomic_path, eprint, pick_device, pick_dtype
 from nanovl3.config import IMG_CONTEXT_ID, TextConfig, VisionConfig, VLConfig
 
-SUPPORTED_LLM = "Qwen2ForCausalLM"  # InternVL3-1B/2B/8B/14B/38B/78B, not the InternLM3-based 9B
+# model_type -> architecture: InternVL3-1B/2B/8B/14B/38B/78B (Qwen2), the dense InternVL3.5 (Qwen3)
+SUPPORTED_LLM = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # -----------------------------------------------------------------------------
 # config.json in both layouts: reading, then writing
 
 def detect_layout(d: dict) -> str:
     """The layout of a config.json, from model_type, its sub-config keys or architectures."""
-    arch = (d.get("architectures") or [""])[0]
+    arch = _arch(d, "architectures")
     if d.get("model_type") == "internvl_chat" or "llm_config" in d or arch == "InternVLChatModel":
         return "original"
     if (d.get("model_type") == "internvl" or "text_config" in d
@@ -44,67 +47,111 @@ def detect_layout(d: dict) -> str:
                     "'internvl')")
 
 
-def _pick(d: dict, cls, renames: dict = {}):
-    """Dataclass `cls` from the keys of `d` it knows (after renaming), ignoring the rest."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{renames.get(k, k): v for k, v in d.items() if renames.get(k, k) in names})
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+              str | None: "a string or null"}
+
+
+def _typed(v, typ, key: str):
+    """v as a field of type `typ`, or a UserError naming the key (JSON true is no integer)."""
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool):
+        raise UserError(f"config.json: {key} = {json.dumps(v)[:40]}: expected {TYPE_NAMES[typ]}")
+    low = 0 if key.endswith(("_id", "head_dim")) else 1  # ids; head_dim 0 = hidden // heads
+    if typ is int and v < low and not key.endswith("layer"):  # select_layer counts from the end
+        raise UserError(f"config.json: {key} = {v}: expected an integer >= {low}")
+    return v
+
+
+def _obj(d: dict, key: str, where: str = "", required: bool = True) -> dict:
+    """d[key] as a JSON object (absent: {} unless required), or a UserError naming the key."""
+    v = d.get(key)
+    if isinstance(v, dict) or (v is None and not required):
+        return dict(v or {})
+    raise UserError(f"config.json: {where}{key} = {json.dumps(v)[:40]}: expected a JSON object")
+
+
+def _arch(d: dict, where: str) -> str | None:
+    a = d.get("architectures")
+    if a is not None and not (isinstance(a, list) and all(isinstance(x, str) for x in a)):
+        raise UserError(f"config.json: {where} = {json.dumps(a)[:40]}: expected a list of names")
+    return a[0] if a else None
+
+
+def _pick(d: dict, cls, where: str, renames: dict = {}):
+    """Dataclass `cls` from the keys of `d` it knows (after renaming), ignoring the rest and nulls
+    (released configs have some); each value checked against the field's type."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    return cls(**{renames.get(k, k): _typed(v, types[renames.get(k, k)], where + k)
+                  for k, v in d.items() if renames.get(k, k) in types and v is not None})
 
 
 def _text_from_json(t: dict, where: str) -> TextConfig:
-    arch = (t.get("architectures") or [SUPPORTED_LLM])[0]
-    if t.get("model_type", "qwen2") != "qwen2" or arch != SUPPORTED_LLM:
-        raise UserError(f"config.json: {where} is {arch} (model_type '{t.get('model_type')}'); "
-                        f"nanovl3 supports only Qwen2-based InternVL3 models ({SUPPORTED_LLM}: "
-                        "InternVL3-1B, 2B, 8B, 14B, 38B, 78B)")
+    kind = _typed(t.get("model_type", "qwen2"), str, f"{where}.model_type")
+    arch = _arch(t, f"{where}.architectures")
+    if kind not in SUPPORTED_LLM or arch not in (None, SUPPORTED_LLM[kind]):
+        raise UserError(f"config.json: {where} is {arch} (model_type '{kind}'); nanovl3 supports "
+                        "Qwen2 (InternVL3-1B/2B/8B/14B/38B/78B) and dense Qwen3 (InternVL3.5-1B/2B/"
+                        "4B/8B/14B/38B) language models, not MoE, GPT-OSS or InternLM ones")
+    if kind == "qwen3" and t.get("attention_bias"):
+        raise UserError(f"config.json: {where}.attention_bias = true is not supported (Qwen3 "
+                        "checkpoints have none)")
     t = dict(t)
-    rp = t.get("rope_parameters") or {}  # transformers v5 spelling
+    rp = _obj(t, "rope_parameters", where + ".", required=False)  # transformers v5 spelling
     if "rope_theta" not in t and "rope_theta" in rp:
         t["rope_theta"] = rp["rope_theta"]
-    if isinstance(t.get("eos_token_id"), list):
+    if isinstance(t.get("eos_token_id"), list) and t["eos_token_id"]:
         t["eos_token_id"] = t["eos_token_id"][0]
-    return _pick(t, TextConfig)
+    if kind == "qwen3" and not t.get("head_dim"):
+        t["head_dim"] = 128  # transformers' Qwen3Config default, not hidden_size // heads
+    return _pick(t, TextConfig, where + ".")
 
 
 def _original_config(d: dict) -> VLConfig:
-    v, t = d.get("vision_config"), d.get("llm_config")
-    if not isinstance(v, dict) or not isinstance(t, dict):
-        raise UserError("config.json: an original-layout config needs 'vision_config' and "
-                        "'llm_config' objects")
+    v, t = _obj(d, "vision_config"), _obj(d, "llm_config")
     text = _text_from_json(t, "llm_config")
-    text.tie_word_embeddings = bool(d.get("tie_word_embeddings", text.tie_word_embeddings))
-    cfg = VLConfig(_pick(v, VisionConfig), text,
-                   image_token_id=d.get("img_context_token_id", IMG_CONTEXT_ID))
-    for k in ("downsample_ratio", "ps_version", "select_layer", "template", "min_dynamic_patch",
-              "max_dynamic_patch", "use_thumbnail"):
+    if d.get("tie_word_embeddings") is not None:
+        text.tie_word_embeddings = _typed(d["tie_word_embeddings"], bool, "tie_word_embeddings")
+    cfg = VLConfig(_pick(v, VisionConfig, "vision_config."), text,
+                   image_token_id=_typed(d.get("img_context_token_id", IMG_CONTEXT_ID), int,
+                                         "img_context_token_id"))
+    types = {f.name: f.type for f in dataclasses.fields(VLConfig)}
+    for k in ("downsample_ratio", "ps_version", "select_layer", "template", "system_message",
+              "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail", "split_tiles"):
         if d.get(k) is not None:
-            setattr(cfg, k, d[k])
+            setattr(cfg, k, _typed(d[k], types[k], k))
     return cfg
 
 
 def _hf_config(d: dict) -> VLConfig:
-    v, t = dict(d.get("vision_config") or {}), d.get("text_config")
-    if not isinstance(t, dict):
-        raise UserError("config.json: an -hf layout config needs a 'text_config' object")
+    v, t = _obj(d, "vision_config", required=False), _obj(d, "text_config")
     for k in ("image_size", "patch_size"):  # stored as [h, w]
-        if isinstance(v.get(k), (list, tuple)):
-            if v[k][0] != v[k][1]:
-                raise UserError(f"config.json: vision_config.{k} = {v[k]}: only square tiles are "
-                                "supported")
+        if isinstance(v.get(k), list):
+            if len(v[k]) != 2 or v[k][0] != v[k][1]:
+                raise UserError(f"config.json: vision_config.{k} = {v[k]}: only square tiles "
+                                "([size, size]) are supported")
             v[k] = v[k][0]
-    vision = _pick(v, VisionConfig, dict(attention_bias="qkv_bias", use_qk_norm="qk_normalization",
-                                         layer_scale_init_value="initializer_factor"))
+    vision = _pick(v, VisionConfig, "vision_config.",
+                   dict(attention_bias="qkv_bias", use_qk_norm="qk_normalization",
+                        layer_scale_init_value="initializer_factor"))
     text = _text_from_json(t, "text_config")
-    text.tie_word_embeddings = bool(d.get("tie_word_embeddings",
-                                          t.get("tie_word_embeddings", False)))
+    if d.get("tie_word_embeddings") is not None:  # else text_config's, or False
+        text.tie_word_embeddings = _typed(d["tie_word_embeddings"], bool, "tie_word_embeddings")
     if d.get("vision_feature_select_strategy", "default") != "default":
         raise UserError("config.json: only vision_feature_select_strategy 'default' (drop CLS) is "
                         "supported")
-    return VLConfig(vision, text, downsample_ratio=d.get("downsample_ratio", 0.5),
-                    select_layer=d.get("vision_feature_layer", -1),
-                    image_token_id=d.get("image_token_id", IMG_CONTEXT_ID))
+    return VLConfig(vision, text,
+                    downsample_ratio=_typed(d.get("downsample_ratio", 0.5), float,
+                                            "downsample_ratio"),
+                    select_layer=_typed(d.get("vision_feature_layer", -1), int,
+                                        "vision_feature_layer"),
+                    image_token_id=_typed(d.get("image_token_id", IMG_CONTEXT_ID), int,
+                                          "image_token_id"))
 
 
 def config_from_json(d: dict) -> tuple[VLConfig, str]:
+    if not isinstance(d, dict):
+        raise UserError(f"config.json: expected a JSON object, got {json.dumps(d)[:40]}")
     layout = detect_layout(d)
     cfg = _original_config(d) if layout == "original" else _hf_config(d)
     if cfg.vision.norm_type not in ("layer_norm", "rms_norm"):
@@ -112,6 +159,9 @@ def config_from_json(d: dict) -> tuple[VLConfig, str]:
     if cfg.vision.hidden_act != "gelu":
         raise UserError(f"config.json: vision hidden_act '{cfg.vision.hidden_act}' is not "
                         "supported (only gelu)")
+    if cfg.template != "internvl2_5":  # the only prompt format chat.py renders
+        raise UserError(f"config.json: template '{cfg.template}' is not supported (only "
+                        "'internvl2_5', that of InternVL2.5, InternVL3 and the Qwen3 InternVL3.5)")
     if cfg.ps_version not in ("v1", "v2"):
         raise UserError(f"config.json: ps_version '{cfg.ps_version}' is not supported (v1 or v2)")
     return cfg, layout
@@ -131,12 +181,14 @@ def read_config(ckpt_dir: str) -> tuple[VLConfig, str]:
     try:
         return config_from_json(d)
     except UserError as e:
-        raise UserError(f"{path}: {e}".replace("config.json: ", ""))
+        raise UserError(f"{path}: {str(e).removeprefix('config.json: ')}")
 
 
-def _qwen2_json(t: TextConfig) -> dict:
-    return {"architectures": [SUPPORTED_LLM], "model_type": "qwen2", "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+def _llm_json(t: TextConfig) -> dict:
+    qwen3 = {"attention_bias": False} if t.model_type == "qwen3" else {}  # Qwen2 has no such key
+    return {"architectures": [SUPPORTED_LLM[t.model_type]], "model_type": t.model_type, **qwen3,
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
             "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
             "num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim,
             "hidden_act": "silu", "rms_norm_eps": t.rms_norm_eps, "rope_theta": t.rope_theta,
@@ -153,12 +205,14 @@ def config_to_json(cfg: VLConfig, layout: str = "original") -> dict:
             "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
             "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
                               **dataclasses.asdict(v), "num_channels": 3, "use_flash_attn": False},
-            "llm_config": _qwen2_json(t),
+            "llm_config": _llm_json(t),
             "downsample_ratio": cfg.downsample_ratio, "ps_version": cfg.ps_version,
             "select_layer": cfg.select_layer, "template": cfg.template,
+            "system_message": cfg.system_message,
             "force_image_size": v.image_size, "dynamic_image_size": True,
             "min_dynamic_patch": cfg.min_dynamic_patch, "max_dynamic_patch": cfg.max_dynamic_patch,
-            "use_thumbnail": cfg.use_thumbnail, "pad2square": False, "use_backbone_lora": 0,
+            "use_thumbnail": cfg.use_thumbnail, "split_tiles": cfg.split_tiles,
+            "pad2square": False, "use_backbone_lora": 0,
             "use_llm_lora": 0, "tie_word_embeddings": t.tie_word_embeddings,
             "hidden_size": t.hidden_size,
             "img_context_token_id": cfg.image_token_id}  # ours: toy tokenizers move <IMG_CONTEXT>
@@ -180,7 +234,7 @@ def config_to_json(cfg: VLConfig, layout: str = "original") -> dict:
                 "layer_scale_init_value": v.initializer_factor, "use_mean_pooling": True,
                 "use_absolute_position_embeddings": True, "use_mask_token": False,
                 "num_channels": 3},
-            "text_config": _qwen2_json(t),
+            "text_config": _llm_json(t),
             "image_token_id": cfg.image_token_id, "image_seq_length": cfg.num_image_token,
             "downsample_ratio": cfg.downsample_ratio, "projector_hidden_act": "gelu",
             "vision_feature_layer": cfg.select_layer, "vision_feature_select_strategy": "default",
@@ -315,6 +369,9 @@ def _read_header(path: str) -> dict[str, tuple[torch.dtype, list[int], int]]:
         header.pop("__metadata__", None)
         out = {}
         for key, e in header.items():
+            if e["dtype"] not in SAFETENSORS_DTYPES:  # e.g. F8_E4M3 of a quantised export
+                raise UserError(f"{path}: tensor {key} has dtype {e['dtype']}, which nanovl3 does "
+                                "not read (F32, F16 or BF16 weights)")
             dtype, shape, (begin, end) = (SAFETENSORS_DTYPES[e["dtype"]], list(e["shape"]),
                                           e["data_offsets"])
             if (not 0 <= begin <= end <= size - 8 - n
@@ -338,6 +395,9 @@ def _load_plan(ckpt_dir: str, params: dict, tied: bool) -> list[tuple[str, list]
             name, part = original_key(k)
             if not (tied and name == "language_model.lm_head.weight"):  # tied head = embed_tokens
                 dtype, shape, offset = header[k]
+                if not dtype.is_floating_point:  # copying ints into weights would pass silently
+                    raise UserError(f"{path}: tensor {k} has dtype {dtype}; weights must be "
+                                    "floating point (F32, F16 or BF16)")
                 found.setdefault(name, {})[part] = (path, offset, dtype, shape)
     shapes = {}
     for name, parts in found.items():
@@ -395,16 +455,14 @@ def _check_keys(state: dict, expected: dict, ckpt_dir: str):
 
 
 def _tokenizer_image_token_id(ckpt_dir: str) -> int | None:
-    """The <IMG_CONTEXT> id of the directory's tokenizer.json, if any (toy tokenizers move it)."""
-    path = os.path.join(ckpt_dir, "tokenizer.json")
-    if not os.path.isfile(path):
-        return None
+    """The <IMG_CONTEXT> id of the directory's tokenizer files, if any. It differs between releases
+    (151667 after Qwen2.5's tokens; Qwen3's tokenizer has more) and toy tokenizers move it, while
+    original-layout configs need not name it (upstream asks the tokenizer at chat time)."""
     try:
-        with open(path) as f:
-            added = json.load(f).get("added_tokens", [])
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return next((i for i, t in added_tokens(ckpt_dir).items() if t["content"] == IMG_CONTEXT),
+                    None)
+    except UserError:
         return None  # the tokenizer loader reports a broken file with its own message
-    return next((t["id"] for t in added if t.get("content") == "<IMG_CONTEXT>"), None)
 
 
 def load_pretrained(cls, ckpt_dir: str, dtype=None, device=None):
@@ -425,11 +483,18 @@ def load_pretrained(cls, ckpt_dir: str, dtype=None, device=None):
     with torch.no_grad():
         for path, items in _load_plan(ckpt_dir, params, tied):
             _read_into(path, items)
+    model.source_dir = os.path.abspath(ckpt_dir)  # save_pretrained copies its tokenizer files
     return model.eval()
 
 
+# what sample.py / Tokenizer.from_dir read besides the weights and config.json
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "special_tokens_map.json", "generation_config.json"]
+
+
 def save_pretrained(model, out_dir: str, layout: str = "original", tokenizer=None):
-    """config.json + model.safetensors (+ tokenizer.json), atomically; either reader loads it."""
+    """config.json + model.safetensors + the tokenizer, atomically; either reader loads it. With no
+    tokenizer given, the tokenizer files of the directory the model was loaded from are copied."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.text.tie_word_embeddings:
         state.pop("language_model.lm_head.weight")  # tied: safetensors rejects aliases
@@ -440,8 +505,16 @@ def save_pretrained(model, out_dir: str, layout: str = "original", tokenizer=Non
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        source = getattr(model, "source_dir", None)
         if tokenizer is not None:
             tokenizer.save(tmp)
+        elif source is not None:
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(source, name)):
+                    shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
+        else:
+            eprint(f"warning: save_pretrained({out_dir}): no tokenizer given; sample.py will need "
+                   "a tokenizer.json in that directory")
 
 
 # -----------------------------------------------------------------------------
@@ -485,12 +558,12 @@ def save_run(path: str, model, tokenizer, stream, train_state: dict, rank: int, 
         dist.barrier()
 
 
-def restore_run(state: dict, optimizer, stream, rank: int, world: int):
-    """The other half of save_run: optimizer, this rank's data cursor and RNG state."""
+def restore_run(state: dict, stream, rank: int, world: int):
+    """The other half of save_run: this rank's data cursor and RNG state (the optimizer state:
+    training.Session.restore)."""
     if state["world_size"] != world:
         raise UserError(f"--resume: the checkpoint was written by {state['world_size']} processes, "
                         f"this run has {world}; resume with the same number")
-    optimizer.load_state_dict(state["optimizer"])
     stream.load_state_dict(state["data"][rank])
     set_rng_state(state["rng"][rank])
 

@@ -1,6 +1,7 @@
 """Small shared pieces: the user-facing error type, device/dtype choice, rank-0 printing, atomic
 writes, JSON Lines files. Nothing here knows about the model; every other module may import it."""
 
+import argparse
 import json
 import os
 import shutil
@@ -24,15 +25,26 @@ def die(msg: str, code: int = 2):
     sys.exit(code)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes read like every other error: one line, exit code 2 (the usage
+    summary stays in --help)."""
+
+    def error(self, message):
+        die(f"{message} (see {self.prog} --help)")
+
+
 @contextmanager
 def user_errors():
-    """`with user_errors(): main()` turns UserError (and Ctrl-C) into one clean line on stderr."""
+    """`with user_errors(): main()` turns UserError (and Ctrl-C) into one clean line on stderr.
+    Ctrl-C exits 130 with 'interrupted', or the line the script put in the KeyboardInterrupt
+    (training.Session: where it stopped and how to resume)."""
     try:
         yield
     except UserError as e:
         die(str(e))
-    except KeyboardInterrupt:
-        die("interrupted", 130)
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # -----------------------------------------------------------------------------

@@ -284,7 +284,8 @@ class SampleStream:
     Draw n goes to rank n % world_size: all ranks walk the same sequence and build only their own
     draws, so the shards are disjoint. State: the draw counter and per-pool cursors, per rank (ranks
     that skip bad lines drift apart; rank 0's state on every rank still gives disjoint data).
-    skip_bad: count a bad line in `skipped` (message in `last_error`), don't raise."""
+    skip_bad: a bad line is remembered (never built again) and reported by `skip_report`; only a
+    pool whose every line is bad raises."""
 
     def __init__(self, specs: list[DatasetSpec], tok, cfg: DataConfig, seed: int = 0, rank: int = 0,
                  world_size: int = 1, text_ratio: float | None = None, skip_bad: bool = False):
@@ -306,7 +307,8 @@ class SampleStream:
                 files = ", ".join(self.specs[d].annotation for d in self.pools[pool]) or "(none)"
                 raise UserError(f"no lines to draw from in {what} datasets: {files}")
         self.draws, self.cursors = 0, [[0, 0] for _ in self.pools]
-        self.skipped, self.last_error = len(unreadable or []), (unreadable or [None])[-1]
+        self.unreadable, self.last_error = len(unreadable or []), (unreadable or [None])[-1]
+        self.bad = set()  # (dataset, row) of the lines that failed to build: lines, not draws
 
     def _order(self, pool: int, epoch: int) -> list[tuple[int, int]]:
         """Epoch `epoch` of a pool: [(dataset index, row index)], repeats applied, shuffled."""
@@ -321,8 +323,8 @@ class SampleStream:
             self._orders[pool] = (epoch, order)
         return self._orders[pool][1]
 
-    def _next_entry(self) -> tuple[int, tuple[int, int]]:
-        """Advance one global draw -> (draw number, (dataset, row))."""
+    def _next_entry(self) -> tuple[int, int, tuple[int, int]]:
+        """Advance one global draw -> (draw number, pool, (dataset, row))."""
         n, pool = self.draws, 0
         if len(self.pools) > 1:
             pool = int(_rng(self.seed, "mix", n).random() < self.mix[1])
@@ -330,17 +332,16 @@ class SampleStream:
         order = self._order(pool, epoch)
         self.cursors[pool] = [epoch, pos + 1] if pos + 1 < len(order) else [epoch + 1, 0]
         self.draws += 1
-        return n, order[pos]
+        return n, pool, order[pos]
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Sample:
-        bad_in_a_row = 0
         while True:
-            n, (d, r) = self._next_entry()
-            if n % self.world_size != self.rank:
-                continue  # another rank's draw
+            n, pool, (d, r) = self._next_entry()
+            if n % self.world_size != self.rank or (d, r) in self.bad:
+                continue  # another rank's draw, or a line already known to be bad
             lineno, record = self.rows[d][r]
             try:
                 return build_sample(self.tok, self.specs[d], lineno, record, self.cfg,
@@ -348,10 +349,23 @@ class SampleStream:
             except UserError as e:
                 if not self.skip_bad:
                     raise
-                self.skipped, self.last_error = self.skipped + 1, str(e)
-                bad_in_a_row += 1
-                if bad_in_a_row > sum(map(len, self.rows)):
-                    raise UserError(f"every line is bad; last: {e}")
+                self.bad.add((d, r))
+                self.last_error = str(e)
+                lines = sum(len(self.rows[i]) for i in self.pools[pool])
+                if sum(i in self.pools[pool] for i, _ in self.bad) == lines:
+                    files = ", ".join(self.specs[i].annotation for i in self.pools[pool])
+                    raise UserError(f"{files}: every one of the {lines} readable lines is bad; "
+                                    f"last: {e}")
+
+    @property
+    def skipped(self) -> int:
+        """Bad lines met so far: unreadable ones, then those that failed to build."""
+        return self.unreadable + len(self.bad)
+
+    def skip_report(self) -> str:
+        lines = self.unreadable + sum(map(len, self.rows))
+        return (f"skipped {self.skipped} bad lines of {lines} (each once; last: "
+                f"{self.last_error})")
 
     @property
     def epoch(self) -> int:
@@ -360,7 +374,7 @@ class SampleStream:
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "sizes": [len(r) for r in self.rows], "draws": self.draws,
-                "cursors": [list(c) for c in self.cursors], "skipped": self.skipped}
+                "cursors": [list(c) for c in self.cursors], "bad": sorted(self.bad)}
 
     def load_state_dict(self, state: dict):
         sizes = [len(r) for r in self.rows]
@@ -368,7 +382,7 @@ class SampleStream:
             raise UserError(f"data cursor from the checkpoint (seed {state['seed']}, sizes "
                             f"{state['sizes']}) does not match this data (seed {self.seed}, "
                             f"sizes {sizes})")
-        self.draws, self.skipped = state["draws"], state["skipped"]
+        self.draws, self.bad = state["draws"], {tuple(e) for e in state.get("bad", [])}
         self.cursors = [list(c) for c in state["cursors"]]
 
 

@@ -12,17 +12,40 @@ Generation: prefill once into a preallocated KV cache, then decode one token at 
   (Mask.kv_len), masked only if padded. compile=True keeps fixed shapes (one token, the whole cache,
   a causal mask), compiled once per cache size rounded up to 256 slots (CUDA graphs; CPU: freezing).
 - the only host syncs: streaming and stop checks (every step; every 8 on CUDA unless streaming).
+- chat(): one turn of a multi-turn conversation, as upstream `chat` with `history`.
 Shapes: B prompts, R = B*num_samples rows, L padded prompt length, S = L+max_new_tokens, V vocab"""
 
+import math
+from numbers import Integral, Real
 from typing import Callable
 
 import torch
 
 from nanovl3.attention import Mask, causal_mask
+from nanovl3.chat import add_image_tags, render_prompt
 from nanovl3.common import UserError
 from nanovl3.fast import speed_up
 from nanovl3.model import v2pe_position_ids
 from nanovl3.text import KVCache
+
+
+# what each sampling keyword accepts; sample.py checks its flags against the same rules
+SAMPLING_RULES = {
+    "max_new_tokens": (lambda v: isinstance(v, Integral) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: isinstance(v, Real) and 0 <= v < math.inf,
+                    "a finite number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: isinstance(v, Integral) and v >= 0, "an integer >= 0 (0 = off)"),
+    "top_p": (lambda v: isinstance(v, Real) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "num_samples": (lambda v: isinstance(v, Integral) and v >= 1, "an integer >= 1"),
+}
+
+
+def check_sampling(**values):
+    """ValueError naming the first keyword whose value breaks its SAMPLING_RULES rule."""
+    for k, v in values.items():
+        ok, want = SAMPLING_RULES[k]
+        if isinstance(v, bool) or not ok(v):
+            raise ValueError(f"{k}={v!r}: must be {want}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -75,15 +98,22 @@ def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None 
     prompt-major: row r = prompt r // num_samples, sample r % num_samples. stream(tokens) is called
     after every step with each row's token just sampled. v2pe_delta: the fixed V2PE δ of every
     image (1 = plain positions, as the released checkpoints use)."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, num_samples=num_samples)
+    if not prompts or not all(len(p) for p in prompts):
+        raise ValueError("prompts: need at least one prompt, each of at least one token id")
     speed_up(model)
-    device = next(model.parameters()).device
+    weight = next(model.parameters())
+    device = weight.device
+    if pixel_values is not None:  # image.py gives fp32 tiles on the CPU; the model may differ
+        pixel_values = pixel_values.to(device, weight.dtype)
     ids, positions, doc = left_pad(prompts, device, v2pe_delta, model.cfg.image_token_id)
     B, L = ids.shape
     S = L + max_new_tokens
     if S > (limit := model.cfg.text.max_position_embeddings):
         raise UserError(f"prompt too long: {L} prompt tokens + {max_new_tokens} new tokens = {S} > "
                         f"the model's context of {limit} tokens (shorten the prompt, use fewer "
-                        "tiles, or lower --max-new-tokens)")
+                        "tiles or frames, or lower --max-new-tokens)")
     # ---- prefill: the whole prompt in one forward, keys/values written to slots 0..L-1
     x = model.embed(ids, pixel_values)  # [B, L, C]
     # a compiled step is specialised to the cache size: rounded up, similar prompt lengths share one
@@ -143,3 +173,20 @@ def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None 
     stop_set = set(stop_ids)
     return [row[:next((i for i, tok in enumerate(row) if tok in stop_set), len(row))]
             for row in tokens]
+
+
+def chat(model, tok, question: str, pixel_values: torch.Tensor | None = None,
+         num_tiles: list[int] = (), history: list[tuple[str, str]] = (), video: bool = False,
+         **sampling) -> tuple[str, list[tuple[str, str]]]:
+    """One turn -> (answer, history + [(question, answer)]), as upstream modeling_internvl_chat.py
+    `chat` with `history`: the whole conversation (system, each earlier question with its stripped
+    answer, the new question) is rendered as text and tokenised afresh, so a turn equals a fresh
+    single call. The images (all tiles, every turn) belong to the first turn: their tags are put
+    in its question (add_image_tags; video: Frame1..N) and kept in the history. No KV cache is
+    carried across turns. sampling: generate's keywords (max_new_tokens, temperature, stream...)."""
+    question = add_image_tags(question, len(num_tiles), history, video)
+    prompt = render_prompt(question, list(num_tiles), model.cfg.num_image_token, history,
+                           model.cfg.system_message)
+    new = generate(model, [tok.encode(prompt)], pixel_values, stop_ids=tok.stop_ids, **sampling)[0]
+    answer = tok.decode(new).strip()  # upstream: batch_decode(skip_special_tokens), cut, strip
+    return answer, list(history) + [(question, answer)]

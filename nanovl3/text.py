@@ -1,7 +1,10 @@
 """
-Qwen2 / Qwen2.5 decoder: the language model of InternVL3-1B/2B/8B/14B/38B/78B (InternVL3 §2.1).
+Qwen2 / Qwen2.5 decoder: the language model of InternVL3-1B/2B/8B/14B/38B/78B (InternVL3 §2.1),
+and Qwen3, that of the dense InternVL3.5 models (arXiv 2508.18265 §2.1; Qwen3 arXiv 2505.09388 §2).
 
-RMSNorm, RoPE evaluated at *float* positions, grouped-query attention with qkv bias, SwiGLU MLP.
+RMSNorm, RoPE evaluated at *float* positions, grouped-query attention, SwiGLU MLP. Qwen2 has a
+qkv bias; Qwen3 has none, RMSNorms q and k per head before RoPE (q_norm, k_norm) and an explicit
+head_dim (heads * head_dim may differ from the hidden size).
 Float positions make V2PE a change of position ids only (InternVL3 §2.1, arXiv 2504.10479): visual
 tokens may advance the position by δ < 1, text tokens by 1; δ = 1 is ordinary RoPE.
 
@@ -68,11 +71,14 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
                                                  cfg.head_dim)
-        C = cfg.hidden_size
-        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=True)
+        C, qwen3 = cfg.hidden_size, cfg.model_type == "qwen3"
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=not qwen3)
+        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=not qwen3)
+        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=not qwen3)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        if qwen3:  # one RMSNorm over each head's D channels, shared by all heads
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask: Mask, cache: KVCache | None, layer: int, slots,
                 prefill: bool):
@@ -81,6 +87,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        if hasattr(self, "q_norm"):  # Qwen3: normalise each head's query and key, then rotate
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             # write this step's keys/values to their slots; a decode step reads the whole buffer
@@ -126,7 +134,8 @@ class Qwen2Model(nn.Module):
 
 
 class Qwen2(nn.Module):
-    """`language_model` of InternVL: `.model` (embeddings, blocks, final norm) and `.lm_head`."""
+    """`language_model` of InternVL: `.model` (embeddings, blocks, final norm) and `.lm_head`.
+    Qwen2 or Qwen3 by cfg.model_type (the attention differs, nothing else)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()

@@ -1,20 +1,31 @@
 """What the training scripts (train.py: pre-training, SFT; mpo.py: preference training) share:
-common flags, torchrun/DDP setup and teardown, parameter groups (freeze, per-group lr), the warmup +
-cosine schedule, the optimizer step, the dense log line + JSONL metrics, MFU, and their eval.json.
+common flags, torchrun setup and teardown, DDP or FSDP2, activation checkpointing, parameter
+groups (freeze, per-group lr), the warmup + cosine schedule, the optimizer step, saving and
+resuming, the dense log line + JSONL metrics, MFU, and their eval.json.
 Nothing here owns a training loop: each script reads top to bottom as args -> init -> data -> model
 -> loop. Checkpoints: checkpoint.py; held-out evaluation: evaluate.py."""
 
+import functools
 import json
 import math
 import os
+import shlex
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.utils.checkpoint import checkpoint
 
-from nanovl3.common import UserError, pick_device, pick_dtype, print0, write_json
+from nanovl3.checkpoint import restore_run, save_run
+from nanovl3.common import UserError, eprint, pick_device, pick_dtype, print0, write_json
 from nanovl3.data import DataConfig
+from nanovl3.model import InternVL
 
 # -----------------------------------------------------------------------------
 # the flags every training script takes
@@ -24,13 +35,24 @@ def add_common_args(parser, out_dir: str, lr: float, log_interval: int, eval_per
     add = parser.add_argument
     add("--out-dir", default=out_dir, help="checkpoint, metrics.jsonl and eval.json go here")
     add("--resume", action="store_true", help="continue from <out-dir>/ckpt exactly")
+    add("--overwrite", action="store_true",
+        help="start over in an --out-dir that holds a run: its metrics.jsonl and eval.json are "
+             "deleted, its checkpoint replaced at the first save")
     add("--seed", type=int, default=0, help="seed of init, data order and augmentation")
     add("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    add("--threads", type=int, default=-1,
+        help="CPU threads of torch (-1 = its default, one per core); 1 when other processes keep "
+             "the cores busy")
     add("--dtype", default=None,
-        help="autocast dtype on CUDA (default bfloat16); CPU trains in fp32")
+        help="autocast dtype; weights stay fp32 (default: bfloat16 on CUDA, none on CPU)")
     add("--compile", action="store_true",
         help="torch.compile the model (on CUDA it recompiles for new tile counts: see README)")
     add("--freeze", default="", help="comma list of parts to freeze: vit,mlp,llm")
+    add("--grad-checkpoint", action="store_true",
+        help="recompute each ViT and LLM layer in backward: less activation memory, ~1/3 more "
+             "compute")
+    add("--fsdp", action="store_true",
+        help="under torchrun: shard weights, gradients and optimizer state (FSDP2), not DDP")
     add("--max-seq-len", type=int, default=2048, help="longest sample, in tokens")
     add("--max-tiles", type=int, default=-1, help="tiles per image (-1 = config max_dynamic_patch)")
     add("--skip-bad-samples", action="store_true", help="count and skip bad data lines, don't stop")
@@ -46,6 +68,29 @@ def add_common_args(parser, out_dir: str, lr: float, log_interval: int, eval_per
         help="held-out questions per type (-1 = all, 0 = no eval)")
     add("--max-steps", type=int, default=-1,
         help="stop after this many steps in total (tests, or to resume)")
+
+
+POSITIVE = (lambda v: v >= 1, "at least 1")
+COMMON_RANGES = {  # checked by Session before any work
+    "--lr": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "--weight-decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "--warmup-ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "--clip": (lambda v: 0 < v < math.inf or v == -1, "> 0, or -1 (off)"),
+    "--grad-accum": POSITIVE, "--log-interval": POSITIVE, "--ckpt-interval": POSITIVE,
+    "--max-seq-len": POSITIVE,
+    "--max-tiles": (lambda v: v >= 1 or v == -1, "at least 1, or -1 (the config's)"),
+    "--threads": (lambda v: v >= 1 or v == -1, "at least 1, or -1 (torch's default)"),
+    "--eval-per-type": (lambda v: v >= -1, "a count, 0 (none) or -1 (all)"),
+    "--max-steps": (lambda v: v >= -1, "a count, or -1 (no limit)"),
+}
+
+
+def check_ranges(args, ranges: dict):
+    """{flag: (test, what it must be)} -> one line naming the first flag out of range."""
+    for flag, (ok, what) in ranges.items():
+        v = getattr(args, flag[2:].replace("-", "_"))
+        if not ok(v):
+            raise UserError(f"{flag} {v}: must be {what}")
 
 
 # -----------------------------------------------------------------------------
@@ -104,7 +149,9 @@ def param_groups(model, freeze: set[str], lrs: dict[str, float], weight_decay: f
 
 
 def make_optimizer(groups, device, betas=(0.9, 0.95)):
-    return torch.optim.AdamW(groups, betas=betas, eps=1e-8, fused=device.type == "cuda")
+    # fused on CPU too: one kernel per step, not ~10 per tensor (toy model, 1 thread: 2.2 vs 9.7 ms
+    # a step; the per-tensor loop also stalls far worse when other processes hold the cores)
+    return torch.optim.AdamW(groups, betas=betas, eps=1e-8, fused=True)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -162,12 +209,20 @@ def measure_peak_flops(device, dtype=torch.float32, n=1024, reps=10, trials=5) -
 
 
 class Logger:
-    """One dense line per interval on rank 0, and every record appended to metrics.jsonl."""
+    """One dense line per interval on rank 0, and every record appended to metrics.jsonl. A
+    checkpoint keeps the file's size; a resumed run cuts what came after, so no step repeats."""
 
     def __init__(self, out_dir: str, rank: int):
         self.rank, self.path = rank, os.path.join(out_dir, "metrics.jsonl")
         if rank == 0:
             os.makedirs(out_dir, exist_ok=True)
+
+    def size(self) -> int:
+        return os.path.getsize(self.path) if self.rank == 0 and os.path.isfile(self.path) else 0
+
+    def truncate(self, size: int | None):
+        if self.rank == 0 and size is not None and os.path.isfile(self.path):
+            os.truncate(self.path, min(size, os.path.getsize(self.path)))
 
     def log(self, record: dict, line: str | None = None):
         if self.rank != 0:
@@ -179,40 +234,165 @@ class Logger:
 
 
 # -----------------------------------------------------------------------------
+# memory: activation checkpointing, FSDP2 (both from the outside: state_dict names stay the same)
+
+def layers(model: InternVL) -> list:
+    """The repeated blocks: every ViT encoder layer, then every LLM decoder layer."""
+    return [*model.vision_model.encoder.layers, *model.language_model.model.layers]
+
+
+def checkpoint_layers(model: InternVL):
+    """Each layer keeps only its input for backward and recomputes the rest there (drop path
+    included: checkpoint restores the RNG state), so activations of one layer are alive, not all."""
+    for block in layers(model):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def shard(model: InternVL):
+    """FSDP2: each layer is one all-gather unit; embeddings, projector, final norm and head go
+    with the root. Parameters become DTensors holding this rank's shard."""
+    for block in layers(model):
+        fully_shard(block)
+    fully_shard(model)
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0's CPU
+
+
+# -----------------------------------------------------------------------------
 # the script skeleton
 
-class Session:
-    """One training process: torchrun/DDP state, the model as trained (compiled, DDP-wrapped if
-    asked), autocast, the logger. The loop calls `model`; `raw`: the InternVL (saved, evaluated)."""
+BUSY_NOTE = ("--threads 1 (or OMP_NUM_THREADS=1) trained the toy 2x faster than 2 threads on a "
+             "busy 2-core machine")
 
-    def __init__(self, args):
+
+def warn_if_busy(device):
+    """Torch's threads wait on each other when other processes hold the cores: say so, once."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if device.type == "cpu" and torch.get_num_threads() > 1 and load > cores - 0.5:
+        eprint(f"note: load average {load:.1f} on {cores} cores (other processes are busy): "
+               + BUSY_NOTE)
+
+
+def claim_out_dir(args, rank: int):
+    """Before any work: an --out-dir holding a run is continued (--resume) or replaced
+    (--overwrite), never silently written over."""
+    found = [f for f in ("ckpt", "metrics.jsonl") if os.path.exists(os.path.join(args.out_dir, f))]
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite: give one (continue the run, or start over)")
+    if found and not (args.resume or args.overwrite):
+        raise UserError(f"--out-dir {args.out_dir} already holds a run ({', '.join(found)}): "
+                        "continue it with --resume, or start over with --overwrite")
+    if args.overwrite and rank == 0:  # the old checkpoint stays until the new one replaces it
+        for f in ("metrics.jsonl", "eval.json"):
+            if os.path.isfile(os.path.join(args.out_dir, f)):
+                os.remove(os.path.join(args.out_dir, f))
+
+class Session:
+    """One training process: torchrun state, the model as trained (checkpointed, FSDP-sharded or
+    DDP-wrapped, compiled: as asked), autocast, the logger, saving and resuming. The loop calls
+    `model`; `raw`: the InternVL (sharded under FSDP: full_model() gathers it).
+    `with Session(args) as S:` turns Ctrl-C into one line: where it stopped, how to resume."""
+
+    def __init__(self, args, ranges: dict = {}):
+        """ranges: the script's own flags to check, as COMMON_RANGES."""
         self.args, self.t_start = args, time.time()
+        check_ranges(args, {**COMMON_RANGES, **ranges})
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
         self.ddp, self.rank, self.world, self.device = dist_init(args.device)
+        self.fsdp = args.fsdp
+        if self.fsdp and not self.ddp:
+            raise UserError("--fsdp: run under torchrun (torchrun --nproc-per-node N ... --fsdp)")
+        claim_out_dir(args, self.rank)
+        if self.rank == 0:
+            warn_if_busy(self.device)
         self.logger = Logger(args.out_dir, self.rank)
         self.raw = self.model = None
+        self.at, self.saved = "start-up", None  # the loop says where it is; save() what it saved
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is KeyboardInterrupt and not str(exc):  # common.user_errors prints this line
+            raise KeyboardInterrupt(self.interrupted()) from None
+        return False
+
+    def interrupted(self) -> str:
+        """`interrupted at sft step N; last checkpoint DIR (step M): resume with <the command>`."""
+        if self.saved is None:
+            return f"interrupted at {self.at}; no checkpoint was written yet"
+        argv = [a for a in sys.argv[1:] if a != "--overwrite"]
+        again = shlex.join(["python", os.path.basename(sys.argv[0]), *argv]
+                           + ([] if "--resume" in argv else ["--resume"]))
+        return (f"interrupted at {self.at}; last checkpoint {self.saved}: resume with {again}")
 
     def wrap(self, raw):
         self.raw = self.model = raw
+        if self.args.grad_checkpoint:
+            checkpoint_layers(raw)
+        if self.fsdp:
+            shard(raw)
         if self.args.compile:
             self.model = torch.compile(self.model)
-        if self.ddp:
+        if self.ddp and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=pick_dtype(self.args.dtype, self.device))
-        return torch.autocast("cpu", enabled=False)
+        """Mixed precision: weights (the master copy) and optimizer state stay fp32."""
+        dtype = pick_dtype(self.args.dtype, self.device)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def no_sync(self, last_micro: bool):
-        """DDP's gradient all-reduce only after the last micro-batch of a step."""
-        return self.model.no_sync() if self.ddp and not last_micro else torch.enable_grad()
+        """Gradients reduced across ranks only after the last micro-batch of a step."""
+        if self.fsdp:
+            self.raw.set_requires_gradient_sync(last_micro)
+            return nullcontext()
+        return self.model.no_sync() if self.ddp and not last_micro else nullcontext()
 
     def optimizer_step(self, optimizer, params):
         if self.args.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def full_model(self, device=None) -> InternVL | None:
+        """The model unsharded, for saving and evaluating: `raw` itself, or under FSDP a gathered
+        copy on rank 0 (None elsewhere; every rank must call, as it gathers)."""
+        if not self.fsdp:
+            return self.raw
+        state = get_model_state_dict(self.raw, options=FULL)
+        if self.rank != 0:
+            return None
+        with torch.device("meta"):
+            model = InternVL(self.raw.cfg)
+        model.load_state_dict(state, assign=True)
+        if model.cfg.text.tie_word_embeddings:  # assign untied the shared Parameter: tie again
+            model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+        return model.to(device or "cpu").eval()
+
+    def save(self, path: str, tok, stream, optimizer, train_state: dict):
+        """<path>/ (checkpoint.save_run): a model sample.py loads + what resumes the run exactly.
+        Every rank calls. The optimizer state is gathered into one dict keyed by parameter name,
+        the same for one process, DDP and FSDP: simple, and a full copy fits one host's RAM at the
+        sizes this trains (shards per rank would only pay off beyond that)."""
+        optim = get_optimizer_state_dict(self.raw, optimizer, options=FULL)
+        save_run(path, self.full_model(), tok, stream, {**train_state, "optimizer": optim,
+                                                        "metrics_bytes": self.logger.size()},
+                 self.rank, self.world)
+        self.saved = f"{path} ({train_state['stage']} step {train_state['step']})"
+
+    def restore(self, state: dict, optimizer, stream):
+        """The other half of save: data cursor and RNG of this rank, then its optimizer state."""
+        restore_run(state, stream, self.rank, self.world)
+        self.logger.truncate(state.get("metrics_bytes"))  # the steps after it are done again
+        self.saved = (f"{os.path.join(self.args.out_dir, 'ckpt')} ({state['stage']} step "
+                      f"{state['step']})")
+        # every rank read the whole file: each keeps its own shard (or all of it)
+        set_optimizer_state_dict(self.raw, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
 
     def write_eval(self, res: dict) -> dict:
         """<out-dir>/eval.json (atomic), with the wall time and the command."""

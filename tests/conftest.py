@@ -1,6 +1,15 @@
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked cuda are skipped on a machine without CUDA."""
+    import torch
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
     """A small toy world (size "small", 3 held-out questions per type), made once per session."""

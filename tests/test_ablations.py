@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS = [sys.executable, "-m", "experiments.ablations"]   # run from ROOT
 
 
+@pytest.mark.slow
 def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
     """With --jobs 2: the ablations and seeds run side by side, sharing pt_native and sft_native."""
     out = tmp_path / "abl"
@@ -94,6 +95,7 @@ def test_runner_trains_a_shared_arm_once_and_stops_at_the_first_failure(tmp_path
     assert not (tmp_path / "arms" / "slow" / "s0" / "DONE").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_arm_is_a_clear_error(small_world, tmp_path):
     r = subprocess.run(ABLATIONS + ["--size", "smoke", "--data-dir", str(small_world), "--out",
                                     str(tmp_path), "--only", "loss", "--jobs", "2", "--preset",
@@ -103,6 +105,7 @@ def test_a_failed_arm_is_a_clear_error(small_world, tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_one_line_errors(tmp_path):
     for flags, needle in ((["--only", "nope"], "--only"), (["--seeds", "a,b"], "--seeds"),
                           (["--jobs", "0"], "--jobs"), (["--set", "odd_sft=many"], "--set"),

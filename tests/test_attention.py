@@ -46,7 +46,8 @@ def masks(B, T, device="cpu"):
 
 
 @pytest.mark.parametrize("kind", ["full", "causal", "packed", "packed_row", "left_pad"])
-@pytest.mark.parametrize("compiled", [False, True], ids=["flex-eager", "flex-compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["flex-eager", "flex-compiled"])
 def test_flex_equals_eager(kind, compiled):
     """packed: two rows (dense mask); packed_row: one row (eager: one causal call per document)."""
     B = 1 if kind == "packed_row" else 2
@@ -81,7 +82,7 @@ def test_path_choice():
 
 
 # CUDA takes compiled flex in training too (forward and backward); these run on a GPU, not in CI
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without CUDA (conftest.py)
 
 
 @cuda
@@ -124,7 +125,8 @@ def test_cuda_flex_stays_compiled(monkeypatch):
                 assert q.grad is not None and v.grad is not None
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["flex-eager", "flex-compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["flex-eager", "flex-compiled"])
 def test_model_flex_equals_eager(compiled, monkeypatch):
     """Whole model (ViT bidirectional + LLM causal and packed) through either path."""
     torch.manual_seed(0)

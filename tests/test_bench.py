@@ -1,6 +1,6 @@
 """
 bench.py --short runs end to end and writes every figure as finite positive numbers (no timing
-assertions: the machines that run the tests are shared and noisy).
+assertions: the machines that run the tests are shared and noisy); the GPU check's CPU dry run.
 
     python -m pytest -q tests/test_bench.py
 """
@@ -12,9 +12,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_short_bench_writes_every_figure(tmp_path):
     out = tmp_path / "results.json"
     r = subprocess.run([sys.executable, "bench.py", "--short", "--out", str(out)], cwd=ROOT,
@@ -43,3 +46,36 @@ def test_short_bench_writes_every_figure(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "Command: `python bench.py --short --out" in md and "Median of 2 alternated runs" in md
     assert sum(line.startswith("| tiny | ") for line in md.splitlines()) == len(rows)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """experiments/gpu_check.sh --dry-run: every step of the GPU check, tiny and on CPU."""
+    r = subprocess.run(["bash", "experiments/gpu_check.sh", "--dry-run", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(res["seconds"]) == ["bench", "finetune", "finetune_fsdp", "pytest", "sample_chat",
+                                      "sample_eager", "sample_video", "toy"]
+    log = (tmp_path / "log.txt").read_text()
+    assert "frames [0, 1, 2, 4]" in log  # 6 pictures, 4 frames: get_index's choice
+    assert "skipped" in res["pytest"] or "passed" in res["pytest"]
+    for run in ("toy", "finetune", "finetune_fsdp"):
+        assert math.isfinite(res[run]["last_loss"]) and res[run]["tok_per_s"] > 0, run
+    assert res["finetune"]["last_loss"] == res["finetune_fsdp"]["last_loss"]  # 1 rank: no shards
+    bench = json.loads((tmp_path / "bench.json").read_text())["shapes"]["tiny"]
+    assert {"prefill_1tile", "train_memory", "train_memory_step"} <= set(bench)
+    md = (tmp_path / "results.md").read_text()
+    assert "| finetune_fsdp |" in md and "peak RSS of one training step" in md
+    r = subprocess.run(["bash", "experiments/gpu_check.sh", "--bogus"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: unknown flag '--bogus'")
+
+
+def test_scratch_output_unless_published():
+    """A plain run writes under runs/bench; only --publish replaces the committed bench/results."""
+    r = subprocess.run([sys.executable, "bench.py", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    help_text = " ".join(r.stdout.split())
+    assert "runs/bench/results.json" in help_text and "--publish" in help_text

@@ -7,8 +7,9 @@ OpenGVLab/InternVL conversation.py and train/dataset.py `preprocess_internvl2_5`
 
 import pytest
 
-from nanovl3.chat import (DEFAULT_SYSTEM_MESSAGE, ADDED_TOKENS, Tokenizer, expand_image_tokens,
-                          render_prompt, tokenize_conversation, train_tokenizer)
+from nanovl3.chat import (DEFAULT_SYSTEM_MESSAGE, ADDED_TOKENS, Tokenizer, add_image_tags,
+                          expand_image_tokens, parse_boxes, render_prompt, tokenize_conversation,
+                          train_tokenizer)
 from nanovl3.common import UserError
 
 # written out by hand from conversation.py, template internvl2_5
@@ -233,3 +234,52 @@ def test_system_override(tok):
 def test_bad_conversations(tok, conv, tiles, msg):
     with pytest.raises(UserError, match=msg):
         tokenize_conversation(tok, conv, tiles, 4)
+
+
+# -----------------------------------------------------------------------------
+# image tags for several images and video frames; grounding answers
+
+
+def test_add_image_tags():
+    # the InternVL3 model card: "Frame1: <image>\n" per frame (no hyphen), images "Image-1: "
+    assert add_image_tags("What?", 3, video=True) == \
+        "Frame1: <image>\nFrame2: <image>\nFrame3: <image>\nWhat?"
+    assert add_image_tags("What?", 2) == "Image-1: <image>\nImage-2: <image>\nWhat?"
+    assert add_image_tags("What?", 1) == add_image_tags("What?", 1, video=False) == "<image>\nWhat?"
+    assert add_image_tags("What?", 0) == "What?"
+    assert add_image_tags("Is <image> red?", 1, video=True) == "Is <image> red?"  # placed by user
+    # later turns: the tags already sit in the history's first question
+    assert add_image_tags("And?", 1, history=[("<image>\nWhat?", "red")]) == "And?"
+
+
+def test_parse_boxes_well_formed():
+    text = ("There are <ref>two cats</ref><box>[[10, 20, 300, 400], [500.5, 0, 1000, 1000]]</box>"
+            " and <ref>a dog</ref> <box>[[0, 0, 0, 0]]</box>, then <box>[[1, 2, 3, 4]]</box>.")
+    boxes, problems = parse_boxes(text)
+    assert problems == []
+    assert boxes == [("two cats", (10, 20, 300, 400)), ("two cats", (500.5, 0, 1000, 1000)),
+                     ("a dog", (0, 0, 0, 0)), ("", (1, 2, 3, 4))]
+    assert parse_boxes("no grounding here <ref>x</ref>") == ([], [])
+
+
+@pytest.mark.parametrize("box,why", [
+    ("[[10, 20, 1200, 400]]", "outside 0-1000"),
+    ("[[-1, 20, 100, 400]]", "outside 0-1000"),
+    ("[[10, 20, 300]]", "not four numbers"),
+    ("[[10, 20, \"a\", 400]]", "not four numbers"),
+    ("[[300, 20, 10, 400]]", "x2 < x1"),
+    ("10, 20, 300, 400", "not a list"),
+    ("[[10, 20, 300, 400]", "not a list"),
+    ("[]", "not a list"),
+])
+def test_parse_boxes_malformed_is_reported(box, why):
+    text = f"<ref>bad</ref><box>{box}</box> <ref>good</ref><box>[[1, 2, 3, 4]]</box>"
+    boxes, problems = parse_boxes(text)
+    assert boxes == [("good", (1, 2, 3, 4))]  # the good box survives its bad neighbour
+    assert len(problems) == 1 and why in problems[0] and "'bad'" in problems[0]
+
+
+def test_parse_boxes_unclosed():
+    text = "<ref>cat</ref><box>[[1, 2, 3, 4]]</box><ref>dog</ref><box>[[5, 6"
+    boxes, problems = parse_boxes(text)
+    assert boxes == [("cat", (1, 2, 3, 4))] and problems == ["1 <box> without </box>"]

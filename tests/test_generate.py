@@ -5,13 +5,16 @@ Generation: KV-cache decoding equals a full recompute; batched rows equal rows s
 """
 
 import copy
+import re
 
 import pytest
 import torch
 
+import nanovl3.generate
+from nanovl3.chat import render_prompt, train_tokenizer
 from nanovl3.common import UserError
 from nanovl3.config import preset
-from nanovl3.generate import generate
+from nanovl3.generate import chat, generate
 from nanovl3.model import InternVL, v2pe_position_ids
 
 IMG = 1000
@@ -99,6 +102,23 @@ def test_prompt_too_long(model):
         generate(model, [ids], None, max_new_tokens=200)
 
 
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=0), dict(max_new_tokens=2.5),
+                                dict(temperature=-1.0), dict(temperature=float("nan")),
+                                dict(temperature=float("inf")), dict(temperature="0.7"),
+                                dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+                                dict(num_samples=0), dict(max_new_tokens=True)])
+def test_nonsense_sampling_values_are_named(model, kw):
+    (key, value), = kw.items()
+    with pytest.raises(ValueError, match="^" + re.escape(f"{key}={value!r}: must be ")):
+        generate(model, [[10, 11, 12]], None, **kw)
+
+
+@pytest.mark.parametrize("prompts", [[], [[10, 11], []]])
+def test_empty_prompts_are_named(model, prompts):
+    with pytest.raises(ValueError, match="prompts: need at least one prompt"):
+        generate(model, prompts, None, max_new_tokens=2)
+
+
 def test_image_token_count_mismatch(model):
     ids, pix = prompt_with_image(model, 2, seed=5)
     with pytest.raises(UserError, match=r"32 <IMG_CONTEXT> tokens but the tiles give 16 features"):
@@ -146,6 +166,7 @@ def test_generate_with_v2pe_delta_equals_recompute(model):
         assert seq[len(p):] == new
 
 
+@pytest.mark.slow
 def test_compiled_decode_equals_eager_and_follows_new_weights(model):
     """compile=True (fixed shapes, Inductor freezing on CPU) samples the eager path's greedy tokens
     on a left-padded batch, and reads changed weights (freezing must not bake in stale ones)."""
@@ -162,6 +183,7 @@ def test_compiled_decode_equals_eager_and_follows_new_weights(model):
     assert generate(model, ids, pix, max_new_tokens=8, compile=True) == after
 
 
+@pytest.mark.slow
 def test_compiled_cpu_decode_is_one_graph(model):
     """The compiled step must stay one graph: a break at every Linear (untraceable get_num_threads)
     made CPU compiled decode slower than eager. Batch 1: fast.py's split matrix-vector products."""
@@ -172,3 +194,37 @@ def test_compiled_cpu_decode_is_one_graph(model):
     assert (generate(model, [ids], pix, max_new_tokens=6, compile=True)
             == generate(model, [ids], pix, max_new_tokens=6))
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+# -----------------------------------------------------------------------------
+# multi-turn chat: upstream `chat` with `history`
+
+
+def test_chat_rerenders_the_conversation_with_stripped_answers(model, monkeypatch):
+    """Each turn's prompt is the whole conversation re-rendered and tokenised afresh: earlier
+    questions (the first with its image tags) and their stripped answers, then the new question."""
+    tok = train_tokenizer(["What colour is it? red. How many? two."] * 10, vocab_size=300)
+    replies, calls = iter([" \n red \n", "two "]), []
+
+    def fake_generate(model, prompts, pixel_values, **kw):
+        calls.append((prompts, pixel_values, kw))
+        return [tok.encode(next(replies))]
+
+    monkeypatch.setattr(nanovl3.generate, "generate", fake_generate)
+    pix, T = torch.zeros(2, 3, 8, 8), model.cfg.num_image_token
+    a1, h1 = chat(model, tok, "What colour is it?", pix, [2], max_new_tokens=5)
+    a2, h2 = chat(model, tok, "How many?", pix, [2], h1, max_new_tokens=5)
+    assert (a1, a2) == ("red", "two")
+    assert h2 == [("<image>\nWhat colour is it?", "red"), ("How many?", "two")]
+    want = ("<|im_start|>user\n<image>\nWhat colour is it?<|im_end|>\n<|im_start|>assistant\n"
+            "red<|im_end|>\n<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n")
+    shown = render_prompt("How many?", [2], T, h1, expand=False)
+    assert shown.endswith(want)  # stripped answer, tags kept in the first question
+    assert calls[1][0] == [tok.encode(render_prompt("How many?", [2], T, h1))]
+    assert calls[1][0][0].count(tok.img_context_id) == 2 * T  # the image, expanded again
+    assert calls[1][1] is pix and calls[1][2]["stop_ids"] == tok.stop_ids
+    # video frames: "Frame1: <image>\n..." on the first turn only
+    replies = iter(["a fall", "no"])
+    _, hv = chat(model, tok, "What happens?", pix, [1, 1], video=True, max_new_tokens=5)
+    _, hv = chat(model, tok, "Again?", pix, [1, 1], hv, video=True, max_new_tokens=5)
+    assert hv == [("Frame1: <image>\nFrame2: <image>\nWhat happens?", "a fall"), ("Again?", "no")]

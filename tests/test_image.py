@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from nanovl3.common import UserError
-from nanovl3.image import (IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess, find_grid,
-                           jpeg_compress, load_image, preprocess_image, tiles_to_tensor)
+from nanovl3.image import (IMAGENET_MEAN, IMAGENET_STD, draw_boxes, dynamic_preprocess,
+                           find_grid, frame_indices, jpeg_compress, load_image, load_video,
+                           preprocess_image, tiles_to_tensor)
 
 # what upstream `dynamic_preprocess` (and transformers' GotOcr2ImageProcessorPil) gives with
 # max_num=12 and the thumbnail on: input w×h -> grid (cols, rows), total tiles incl. thumbnail
@@ -147,11 +148,14 @@ def test_load_images_splits_the_budget_like_training(tmp_path):
         noise(4 * size, size, seed=k).save(tmp_path / f"{k}.png")  # 4:1: a 4x1 grid + thumbnail
         paths.append(tmp_path / f"{k}.png")
     assert [tiles_per_image(6, n) for n in (1, 2, 3, 4, 7)] == [6, 3, 2, 1, 1]
-    _, whole = load_images(paths, cfg)
+    _, whole = load_images(paths, cfg, split=False)
     _, shared = load_images(paths, cfg, split=True)
     assert whole == [5, 5, 5]    # 4 tiles + thumbnail, under max_dynamic_patch 6
     assert shared == [3, 3, 3]   # 6 // 3 = 2 tiles -> a 2x1 grid + thumbnail
     assert load_images(paths[:1], cfg, split=True)[1] == [5]
+    assert load_images(paths, cfg)[1] == shared  # split=None: the config's (toy: as trained)
+    cfg.split_tiles = False
+    assert load_images(paths, cfg)[1] == whole
 
 
 @pytest.mark.parametrize("kind", ["missing", "not an image", "truncated png", "truncated jpeg",
@@ -186,3 +190,149 @@ def test_matches_transformers_got_ocr2():
         ours = preprocess_image(img)
         assert ref["num_patches"].tolist() == [ours.size(0)]
         assert (ref["pixel_values"] - ours).abs().max().item() < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# video: the model card's `get_index` (no bound) and `load_video` (max_num=1)
+
+# worked by hand: seg = (n-1)/N, index_i = int(seg/2 + round(seg*i)), round half to even
+FRAMES = [
+    (11, 8, [0, 1, 2, 4, 5, 6, 8, 9]),   # seg 1.25: round(2.5) = 2 (half-up would give 3)
+    (24, 8, [1, 4, 7, 10, 13, 15, 18, 21]),
+    (12, 5, [1, 3, 5, 8, 10]),
+    (3, 4, [0, 0, 1, 2]),                # fewer frames than segments: repeats; round(0.5) = 0
+    (1, 2, [0, 0]),
+]
+
+
+@pytest.mark.parametrize("n,num,want", FRAMES)
+def test_frame_indices_worked_examples(n, num, want):
+    assert frame_indices(n, num) == want
+
+
+def test_frame_indices_match_numpy_get_index():
+    for n in range(1, 60):
+        for num in (1, 4, 8, 16, 32):
+            seg = float(n - 1) / num  # upstream: start_idx 0, end_idx max_frame = n - 1
+            want = [int(0 + seg / 2 + np.round(seg * i)) for i in range(num)]
+            assert frame_indices(n, num) == want, (n, num)
+
+
+def colour(k):
+    return (10 * k, 200 - 10 * k, 7 * k)
+
+
+def tile_of(k, size):
+    return preprocess_image(Image.new("RGB", (40, 30), colour(k)), max_num=1, image_size=size)[0]
+
+
+@pytest.mark.parametrize("kind", ["gif", "apng", "webp", "dir"])
+def test_load_video_picks_the_frames(tmp_path, kind):
+    frames = [Image.new("RGB", (40, 30), colour(k)) for k in range(12)]
+    if kind == "dir":
+        path = tmp_path / "frames"
+        path.mkdir()
+        for k in [5, 0, 11, 3, 1, 2, 4, 6, 7, 8, 9, 10]:  # written out of order: name order counts
+            frames[k].save(path / f"frame{k:03d}.png")
+        (path / "notes.txt").write_text("not a frame")
+    else:
+        path = tmp_path / f"clip.{'png' if kind == 'apng' else kind}"
+        extra = {"lossless": True} if kind == "webp" else {}
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, **extra)
+    tiles, index, total = load_video(path, 5, image_size=56)
+    assert total == 12 and index == [1, 3, 5, 8, 10]
+    assert tiles.shape == (5, 3, 56, 56)  # one tile per frame, no thumbnail, the given size
+    for tile, k in zip(tiles, index):
+        assert (tile - tile_of(k, 56)).abs().max().item() < 1e-5, k
+
+
+@pytest.mark.parametrize("kind,msg", [
+    ("still png", "a still image, not a video"),
+    ("still gif", "a still image, not a video"),
+    ("empty dir", "no image files in this directory"),
+    ("missing", "no such video file or directory"),
+    ("not an image", "not a readable video or image file"),
+    ("zero frames", "--num-frames 0: must be at least 1"),
+])
+def test_load_video_errors(tmp_path, kind, msg):
+    path, num = tmp_path / "v.gif", 0 if kind == "zero frames" else 8
+    if kind.startswith("still") or kind == "zero frames":
+        Image.new("RGB", (40, 30), (1, 2, 3)).save(path, format=kind.split()[-1].upper()
+                                                   if kind.startswith("still") else "GIF")
+    elif kind == "empty dir":
+        path.mkdir()
+        (path / "readme.txt").write_text("no frames here")
+    elif kind == "not an image":
+        path.write_text("GIF89a but not really")
+    with pytest.raises(UserError, match=msg):
+        load_video(path, num, image_size=56)
+
+
+# -----------------------------------------------------------------------------
+# grounding boxes
+
+
+def test_draw_boxes_scales_0_to_1000():
+    img = Image.new("RGB", (200, 100), "white")
+    out = draw_boxes(img, [("", (100, 200, 600, 900))])  # -> pixels (20, 20)-(120, 90)
+    px = np.asarray(out).astype(int)  # [H, W, 3]
+    white = np.array([255, 255, 255])
+    for x, y in [(20, 50), (120, 50), (70, 20), (70, 90)]:  # on each edge
+        assert (px[y, x] != white).any(), (x, y)
+    for x, y in [(19, 50), (121, 50), (70, 19), (70, 91), (70, 50)]:  # outside and inside
+        assert (px[y, x] == white).all(), (x, y)
+    assert (np.asarray(img) == 255).all()  # the input image is left alone
+    labelled = np.asarray(draw_boxes(img, [("cat", (100, 200, 600, 900))])).astype(int)
+    assert (labelled[22:28, 22:30] != white).any()  # the label strip inside the corner
+
+
+# -----------------------------------------------------------------------------
+# every mode Pillow makes: converted as the reference does (`.convert('RGB')`), warned when lossy
+
+def mode_image(mode: str, lossy: bool) -> Image.Image:
+    """A 60x30 image of `mode`; lossy: with what RGB loses (transparency, values beyond 255)."""
+    ramp = np.tile(np.arange(60), (30, 1))  # [30, 60]
+    if mode in ("I", "I;16", "F"):
+        scale = 1000 if lossy else 4  # 59 * 4 = 236 fits 8 bits
+        a = (ramp * scale).astype({"I": np.int32, "I;16": np.uint16, "F": np.float32}[mode])
+        return Image.fromarray(a)
+    img = noise(60, 30, seed=7).convert(mode)
+    if mode in ("RGBA", "LA", "PA"):
+        img.putalpha(Image.fromarray((ramp * 4 if lossy else ramp * 0 + 255).astype(np.uint8)))
+    if mode == "P" and lossy:
+        img.info["transparency"] = 0
+        img.putpixel((0, 0), 0)
+    return img
+
+
+MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "I", "I;16", "F"]
+LOSSY = ["P", "RGBA", "LA", "PA", "I", "I;16", "F"]  # each also tried without the loss
+
+
+@pytest.mark.parametrize("mode,lossy", [(m, False) for m in MODES] + [(m, True) for m in LOSSY])
+def test_every_mode_loads_and_warns_when_rgb_loses_the_picture(tmp_path, capsys, mode, lossy):
+    img = mode_image(mode, lossy)
+    ext = "png" if mode in ("1", "L", "P", "RGB", "RGBA", "LA", "I;16") else "tiff"  # TIFF: others
+    path = tmp_path / f"{mode.replace(';', '_')}.{ext}"
+    img.save(path)
+    assert Image.open(path).mode == mode
+    x = load_image(path, max_num=6, image_size=112)
+    assert x.shape == (3, 3, 112, 112)  # 2:1 -> a 2x1 grid + thumbnail
+    assert torch.equal(x, preprocess_image(Image.open(path).convert("RGB"), 6, 112))
+    err = capsys.readouterr().err.strip().splitlines()
+    if lossy:
+        assert len(err) == 1 and err[0].startswith(f"warning: {path}: "), err
+        assert ("transparent" if mode in ("P", "RGBA", "LA", "PA") else "clipped") in err[0]
+    else:
+        assert err == []
+
+
+def test_animated_image_loads_its_first_frame_with_a_warning(tmp_path, capsys):
+    frames = [Image.new("RGB", (60, 30), colour(k)) for k in range(4)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    x = load_image(tmp_path / "a.gif", max_num=6, image_size=112)
+    assert torch.equal(x, preprocess_image(Image.open(tmp_path / "a.gif").convert("RGB"), 6, 112))
+    assert torch.equal(x, preprocess_image(frames[0], 6, 112))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a.gif: an animated image of 4 frames" in err[0]
+    assert "--video" in err[0]

@@ -190,6 +190,7 @@ def losses(out_dir) -> list[dict]:
     return [r for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_mpo_trains_logs_and_resumes_exactly(world, start, tmp_path):
     # the same two pairs every step: margins must grow
     meta = write_pairs(world, pairs_from_world(world, 2))
@@ -217,6 +218,7 @@ def test_mpo_trains_logs_and_resumes_exactly(world, start, tmp_path):
         assert a["delta"] == pytest.approx(b["delta"], abs=1e-7)
 
 
+@pytest.mark.slow
 def test_mpo_bad_input_is_one_line_error(world, start, tmp_path):
     rows = pairs_from_world(world, 3)
     rows[2].pop("rejected")

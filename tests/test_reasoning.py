@@ -89,6 +89,7 @@ def test_best_of_n_table_counts_disjoint_groups():
     assert table["pass@N"]["4"] == 1.0 and table["pass@N"]["2"] == pytest.approx(2 / 4)
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.reasoning", "--sft", str(untrained_ckpt),
                         "--out", str(tmp_path), "--n-train", "4", "--n-eval", "3",

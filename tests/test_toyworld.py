@@ -101,6 +101,7 @@ def test_refuses_foreign_directory(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_cli_same_bytes_in_another_process(world, tmp_path):
     # a fresh interpreter has another str-hash seed: catches set / hash ordering leaking into files
     out = tmp_path / "cli"
