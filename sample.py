@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from nanovl3.chat import Tokenizer, add_image_tags, parse_boxes, render_prompt
-from nanovl3.common import ArgumentParser, UserError, atomic_path, eprint, user_errors
+from nanovl3.common import (ArgumentParser, UserError, atomic_path, check_values, eprint,
+                            user_errors)
 from nanovl3.critic import best_of_n, final_answer, load_critic, score_responses
 from nanovl3.generate import SAMPLING_RULES, chat, generate
 from nanovl3.image import draw_boxes, find_grid, load_images, load_video, open_image, tile_budget
@@ -238,16 +239,12 @@ def best_of(model, tok, ids, pixel_values, question, critic) -> list[int]:
 
 def check_flags():
     """Every flag's value, before the model loads; sampling flags by generate's own rules."""
-    for flag, key in [("--temperature", "temperature"), ("--top-k", "top_k"), ("--top-p", "top_p"),
-                      ("--max-new-tokens", "max_new_tokens"), ("--best-of", "num_samples")]:
-        ok, want = SAMPLING_RULES[key]
-        if not ok(value := getattr(args, flag[2:].replace("-", "_"))):
-            raise UserError(f"{flag} {value}: must be {want}")
-    if args.max_tiles < 1 and args.max_tiles != -1:
-        raise UserError(f"--max-tiles {args.max_tiles}: must be at least 1 (or -1 = the "
-                        "checkpoint's max_dynamic_patch)")
-    if args.num_frames < 1:
-        raise UserError(f"--num-frames {args.num_frames}: must be at least 1")
+    flags = {"--temperature": "temperature", "--top-k": "top_k", "--top-p": "top_p",
+             "--max-new-tokens": "max_new_tokens", "--best-of": "num_samples"}
+    check_values({**{f: SAMPLING_RULES[k] for f, k in flags.items()},
+                  "--max-tiles": (lambda v: v >= 1 or v == -1,
+                                  "at least 1 (or -1 = the checkpoint's max_dynamic_patch)"),
+                  "--num-frames": (lambda v: v >= 1, "at least 1")}, args)
     if args.best_of > 1 and args.temperature <= 0:
         raise UserError(f"--best-of {args.best_of} needs --temperature > 0 (greedy answers would "
                         "all be the same)")

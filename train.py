@@ -34,7 +34,7 @@ from nanovl3.config import preset
 from nanovl3.data import PackedStream, SampleStream, collate_packed, read_meta
 from nanovl3.evaluate import evaluate, load_eval_items, text_perplexity
 from nanovl3.layers import drop_path_rates
-from nanovl3.losses import lm_loss, loss_weight_sum
+from nanovl3.losses import lm_loss, loss_positions, loss_weight_sum
 from nanovl3.model import InternVL, v2pe_packed_positions
 from nanovl3.training import (POSITIVE, Session, add_common_args, all_reduce_mean, data_config,
                               flops_per_tile, flops_per_token, lr_factor, make_optimizer,
@@ -88,8 +88,8 @@ add("--v2pe-delta", type=float, default=-1,
 add("--eval-interval", type=int, default=-1,
     help="steps between evaluations, and at the end of each stage (-1 = only the final one)")
 # --quick: a small world of its own, a few hundred steps, a small evaluation: the whole pipeline in
-# about a minute. The loss falls (~3 -> ~0.5) and answers take the trained form, but held-out colour
-# and shape stay near chance at this length (measured 15-40% over five settings, n = 20 a type)
+# about a minute. That teaches one skill, colour, so most of its close-ups ask it (held-out colour
+# 85% against 17% chance, n = 20, measured); shape and counting stay at chance until the full run
 QUICK = dict(data_dir="data/toy-quick", out_dir="runs/quick", pretrain_steps=20, sft_steps=380,
              max_packed_tokens=1024, lr_mlp=3e-3, lr_llm=3e-3, eval_per_type=20, log_interval=50)
 FULL_RECIPE = ("the full recipe: python train.py, 10-14 minutes on 2 CPU cores (colour and shape "
@@ -241,7 +241,8 @@ def run_stage(S: Session, tok, stage: str, steps: int, stream: PackedStream, sta
             tiles += int(batch["image_flags"].sum())
             with S.no_sync(micro == args.grad_accum - 1), S.autocast():
                 logits = S.model(batch["input_ids"], batch["pixel_values"], batch["image_flags"],
-                                 batch["position_ids"], batch["doc_ids"])
+                                 batch["position_ids"], batch["doc_ids"],
+                                 logits_at=loss_positions(batch["labels"]))  # [K,V]
                 # Σw averaged over ranks (loss_reduction_all_gather): one weighted mean under DDP
                 denom = None
                 if S.ddp:

@@ -67,7 +67,7 @@ from nanovl3 import chat
 from nanovl3.common import write_json, write_jsonl
 from nanovl3.critic import final_answer, normalise
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6  # 6: colour_share (the quick world's close-ups are mostly colour)
 
 # -----------------------------------------------------------------------------
 # the world: colours, shapes, canvases, sizes
@@ -93,7 +93,9 @@ CLOSEUP_SIZE = (0.4, 0.75)  # side of the shape's box / side of the canvas
 
 SIZES = {  # --size presets for the CLI; generate() defaults are "full"
     "small": dict(n_sft=60, n_closeup=40, n_pretrain=16, n_text=24, n_eval=5),
-    "quick": dict(n_sft=400, n_closeup=2400, n_pretrain=100, n_eval=20),  # train.py --quick
+    # train.py --quick: a few hundred steps teach one skill, colour, if most close-ups ask it (a
+    # sixth of them, as in the full world, leaves every answer constant: measured)
+    "quick": dict(n_sft=400, n_closeup=2400, n_pretrain=100, n_eval=20, colour_share=0.75),
     "full": dict(n_sft=4000, n_closeup=12000, n_pretrain=1500, n_text=2000, n_eval=100),
 }
 
@@ -504,15 +506,15 @@ def sft_sample(idx, paths, turns) -> dict:
     return sample
 
 
-# colour and shape questions are about close-ups, a data set of their own (CLOSEUP_MIX). The
+# colour and shape questions are about close-ups, a data set of their own (COLOUR_SHARE). The
 # close-ups take updates from counting (measured: count fell from 68% to 44-48% when they came in),
 # so count is weighted up; position and count_color stay at chance whatever their weight, so they
 # are weighted down.
 VQA_MIX = {"count": 2.4, "count_color": 0.25, "position": 0.25, "describe": 0.4, "color_of": 0.2,
            "which_more": 0.2}
 # shape needs far more examples than colour, but colour still needs about one close-up in six (at
-# one in nine it reached only 38%, measured)
-CLOSEUP_MIX = {"shape": 5.0, "color": 1.0}
+# one in nine it reached only 38%, measured): generate()'s colour_share, the rest shape questions
+COLOUR_SHARE = 1 / 6
 COT_MIX = {"arith_two": 0.4, "arith_add": 0.3, "count_cot": 0.3}
 # chance that a single-image sample gets 1-2 more questions about the same picture
 MULTI_TURN_P = 0.3
@@ -534,7 +536,7 @@ def vqa_samples(rng, n: int, bank: ImageBank) -> list:
 
 
 def single_turn_samples(rng, n: int, bank: ImageBank, mix: dict) -> list:
-    """n one-question samples whose types are drawn from mix (CLOSEUP_MIX, COT_MIX)."""
+    """n one-question samples whose types are drawn from mix (close-ups, COT_MIX)."""
     samples = []
     for idx in range(n):
         qtype, = rng.choices(list(mix), weights=list(mix.values()))
@@ -740,7 +742,8 @@ def write_world(root: Path, p: dict) -> dict:
     n_vqa, n_cot = round(0.55 * p["n_sft"]), round(0.35 * p["n_sft"])
     n_text_sft = p["n_sft"] - n_vqa - n_cot
     vqa = vqa_samples(stream("sft/vqa"), n_vqa, sft_bank)
-    closeups = single_turn_samples(stream("sft/closeup"), p["n_closeup"], sft_bank, CLOSEUP_MIX)
+    closeup_mix = {"shape": 1 - p["colour_share"], "color": p["colour_share"]}
+    closeups = single_turn_samples(stream("sft/closeup"), p["n_closeup"], sft_bank, closeup_mix)
     cots = single_turn_samples(stream("sft/cot"), n_cot, sft_bank, COT_MIX)
     texts_sft = text_samples(stream("sft/text"), n_text_sft)
     rng = stream("pretrain/interleaved")
@@ -808,21 +811,22 @@ def read_done(root: Path):
 
 def generate(out_dir: str, seed: int = 0, n_sft: int = 4000, n_closeup: int = 12000,
              n_pretrain: int = 1500, n_eval: int = 100, n_text: int = None,
-             vocab_size: int = 1024) -> dict:
+             vocab_size: int = 1024, colour_share: float = COLOUR_SHARE) -> dict:
     """Write the toy world to out_dir (see the module docstring for the layout) and return a summary
     dict: absolute paths (root, pretrain_meta, sft_meta, eval_file, eval_types, eval_prompts,
     tokenizer), params, counts.
 
     n_sft: SFT conversations (55% vqa, 35% cot, 10% text); n_closeup: SFT colour / shape questions
-    about close-ups; n_pretrain: interleaved documents (2-4 pictures each), and as many of 3-6
-    close-ups; n_text: pure-text pre-training lines (default 4/3 n_pretrain); n_eval: held-out
-    questions per type. Idempotent: returns at once if out_dir/DONE records the same params. Nothing
-    half-written is ever visible.
+    about close-ups (colour_share of them colour); n_pretrain: interleaved documents (2-4 pictures
+    each), and as many of 3-6 close-ups; n_text: pure-text pre-training lines (default 4/3
+    n_pretrain); n_eval: held-out questions per type. Idempotent: returns at once if out_dir/DONE
+    records the same params. Nothing half-written is ever visible.
     """
     root = Path(out_dir).resolve()
     n_text = round(4 * n_pretrain / 3) if n_text is None else n_text
     params = dict(version=FORMAT_VERSION, seed=seed, n_sft=n_sft, n_closeup=n_closeup,
-                  n_pretrain=n_pretrain, n_text=n_text, n_eval=n_eval, vocab_size=vocab_size)
+                  n_pretrain=n_pretrain, n_text=n_text, n_eval=n_eval, vocab_size=vocab_size,
+                  colour_share=colour_share)
     done = read_done(root)
     if done and done.get("params") == params:
         return summary(root, done)

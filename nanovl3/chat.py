@@ -30,7 +30,7 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
-from nanovl3.common import UserError
+from nanovl3.common import UserError, read_json
 from nanovl3.losses import IGNORE
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -98,25 +98,17 @@ class Tokenizer:
     stop_ids = property(lambda self: [self.im_end_id, self.endoftext_id])
 
 
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})")
-
-
 def added_tokens(d: str) -> dict[int, dict]:
     """{id: {"content": ..., "special": ...}}: the added tokens a checkpoint directory declares,
     in tokenizer.json, else in added_tokens.json ({content: id}) and tokenizer_config.json
     (`added_tokens_decoder`, which also says which are special)."""
     if os.path.isfile(file := os.path.join(d, "tokenizer.json")):
-        return {t["id"]: t for t in _read_json(file).get("added_tokens", [])}
+        return {t["id"]: t for t in read_json(file).get("added_tokens", [])}
     out = {}
     if os.path.isfile(file := os.path.join(d, "added_tokens.json")):
-        out = {i: {"content": c, "special": True} for c, i in _read_json(file).items()}
+        out = {i: {"content": c, "special": True} for c, i in read_json(file).items()}
     if os.path.isfile(file := os.path.join(d, "tokenizer_config.json")):
-        decoder = _read_json(file).get("added_tokens_decoder") or {}
+        decoder = read_json(file).get("added_tokens_decoder") or {}
         out.update({int(i): t for i, t in decoder.items()})
     return out
 
@@ -189,12 +181,8 @@ def add_image_tags(question: str, n_images: int, history: list[tuple[str, str]] 
     "Frame1: <image>\\n...FrameN: <image>\\n" for video frames (both: the InternVL3 model card)."""
     if not n_images or IMAGE_TAG in question or any(IMAGE_TAG in q for q, _ in history):
         return question
-    if video:
-        tags = [f"Frame{k + 1}: {IMAGE_TAG}\n" for k in range(n_images)]
-    else:
-        tags = [IMAGE_TAG + "\n"] if n_images == 1 else \
-            [f"Image-{k + 1}: {IMAGE_TAG}\n" for k in range(n_images)]
-    return "".join(tags) + question
+    label = "Frame{}: " if video else "Image-{}: " if n_images > 1 else ""
+    return "".join(label.format(k + 1) + IMAGE_TAG + "\n" for k in range(n_images)) + question
 
 
 def render_prompt(question: str, num_tiles: list[int], tokens_per_tile: int = 256,

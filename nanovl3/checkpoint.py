@@ -26,8 +26,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from nanovl3.chat import IMG_CONTEXT, added_tokens
-from nanovl3.common import UserError, atomic_path, eprint, pick_device, pick_dtype
-from nanovl3.config import IMG_CONTEXT_ID, TextConfig, VisionConfig, VLConfig
+from nanovl3.common import UserError, atomic_path, eprint, pick_device, pick_dtype, read_json
+from nanovl3.config import TextConfig, VisionConfig, VLConfig
 
 # model_type -> architecture: InternVL3-1B/2B/8B/14B/38B/78B (Qwen2), the dense InternVL3.5 (Qwen3)
 SUPPORTED_LLM = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -78,12 +78,13 @@ def _arch(d: dict, where: str) -> str | None:
     return a[0] if a else None
 
 
-def _pick(d: dict, cls, where: str, renames: dict = {}):
+def _pick(d: dict, cls, where: str, renames: dict = {}, **given):
     """Dataclass `cls` from the keys of `d` it knows (after renaming), ignoring the rest and nulls
     (released configs have some); each value checked against the field's type."""
     types = {f.name: f.type for f in dataclasses.fields(cls)}
-    return cls(**{renames.get(k, k): _typed(v, types[renames.get(k, k)], where + k)
-                  for k, v in d.items() if renames.get(k, k) in types and v is not None})
+    return cls(**given, **{renames.get(k, k): _typed(v, types[renames.get(k, k)], where + k)
+                           for k, v in d.items()
+                           if renames.get(k, k) in types.keys() - given and v is not None})
 
 
 def _text_from_json(t: dict, where: str) -> TextConfig:
@@ -108,45 +109,33 @@ def _text_from_json(t: dict, where: str) -> TextConfig:
 
 
 def _original_config(d: dict) -> VLConfig:
-    v, t = _obj(d, "vision_config"), _obj(d, "llm_config")
-    text = _text_from_json(t, "llm_config")
-    if d.get("tie_word_embeddings") is not None:
-        text.tie_word_embeddings = _typed(d["tie_word_embeddings"], bool, "tie_word_embeddings")
-    cfg = VLConfig(_pick(v, VisionConfig, "vision_config."), text,
-                   image_token_id=_typed(d.get("img_context_token_id", IMG_CONTEXT_ID), int,
-                                         "img_context_token_id"))
-    types = {f.name: f.type for f in dataclasses.fields(VLConfig)}
-    for k in ("downsample_ratio", "ps_version", "select_layer", "template", "system_message",
-              "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail", "split_tiles"):
-        if d.get(k) is not None:
-            setattr(cfg, k, _typed(d[k], types[k], k))
-    return cfg
+    return _pick(d, VLConfig, "", {"img_context_token_id": "image_token_id"},
+                 vision=_pick(_obj(d, "vision_config"), VisionConfig, "vision_config."),
+                 text=_text_from_json(_obj(d, "llm_config"), "llm_config"))
+
+
+# the -hf vision_config's names of VisionConfig's fields (the rest are stored differently or fixed)
+HF_VISION = {**{k: k for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                               "num_hidden_layers", "norm_type", "layer_norm_eps", "hidden_act")},
+             "attention_bias": "qkv_bias", "use_qk_norm": "qk_normalization",
+             "layer_scale_init_value": "initializer_factor"}
 
 
 def _hf_config(d: dict) -> VLConfig:
-    v, t = _obj(d, "vision_config", required=False), _obj(d, "text_config")
+    v = _obj(d, "vision_config", required=False)
     for k in ("image_size", "patch_size"):  # stored as [h, w]
         if isinstance(v.get(k), list):
             if len(v[k]) != 2 or v[k][0] != v[k][1]:
                 raise UserError(f"config.json: vision_config.{k} = {v[k]}: only square tiles "
                                 "([size, size]) are supported")
             v[k] = v[k][0]
-    vision = _pick(v, VisionConfig, "vision_config.",
-                   dict(attention_bias="qkv_bias", use_qk_norm="qk_normalization",
-                        layer_scale_init_value="initializer_factor"))
-    text = _text_from_json(t, "text_config")
-    if d.get("tie_word_embeddings") is not None:  # else text_config's, or False
-        text.tie_word_embeddings = _typed(d["tie_word_embeddings"], bool, "tie_word_embeddings")
     if d.get("vision_feature_select_strategy", "default") != "default":
         raise UserError("config.json: only vision_feature_select_strategy 'default' (drop CLS) is "
                         "supported")
-    return VLConfig(vision, text,
-                    downsample_ratio=_typed(d.get("downsample_ratio", 0.5), float,
-                                            "downsample_ratio"),
-                    select_layer=_typed(d.get("vision_feature_layer", -1), int,
-                                        "vision_feature_layer"),
-                    image_token_id=_typed(d.get("image_token_id", IMG_CONTEXT_ID), int,
-                                          "image_token_id"))
+    glue = {k: d.get(k) for k in ("downsample_ratio", "image_token_id", "vision_feature_layer")}
+    return _pick(glue, VLConfig, "", {"vision_feature_layer": "select_layer"},
+                 vision=_pick(v, VisionConfig, "vision_config.", HF_VISION),
+                 text=_text_from_json(_obj(d, "text_config"), "text_config"))
 
 
 def config_from_json(d: dict) -> tuple[VLConfig, str]:
@@ -154,16 +143,16 @@ def config_from_json(d: dict) -> tuple[VLConfig, str]:
         raise UserError(f"config.json: expected a JSON object, got {json.dumps(d)[:40]}")
     layout = detect_layout(d)
     cfg = _original_config(d) if layout == "original" else _hf_config(d)
-    if cfg.vision.norm_type not in ("layer_norm", "rms_norm"):
-        raise UserError(f"config.json: vision norm_type '{cfg.vision.norm_type}' is not supported")
-    if cfg.vision.hidden_act != "gelu":
-        raise UserError(f"config.json: vision hidden_act '{cfg.vision.hidden_act}' is not "
-                        "supported (only gelu)")
-    if cfg.template != "internvl2_5":  # the only prompt format chat.py renders
-        raise UserError(f"config.json: template '{cfg.template}' is not supported (only "
-                        "'internvl2_5', that of InternVL2.5, InternVL3 and the Qwen3 InternVL3.5)")
-    if cfg.ps_version not in ("v1", "v2"):
-        raise UserError(f"config.json: ps_version '{cfg.ps_version}' is not supported (v1 or v2)")
+    if d.get("tie_word_embeddings") is not None:  # -hf: else text_config's, or False
+        cfg.text.tie_word_embeddings = _typed(d["tie_word_embeddings"], bool, "tie_word_embeddings")
+    # template: the one prompt format chat.py renders (InternVL2.5, InternVL3, Qwen3 InternVL3.5)
+    for key, value, allowed in (("vision norm_type", cfg.vision.norm_type, "layer_norm rms_norm"),
+                                ("vision hidden_act", cfg.vision.hidden_act, "gelu"),
+                                ("template", cfg.template, "internvl2_5"),
+                                ("ps_version", cfg.ps_version, "v1 v2")):
+        if value not in allowed.split():
+            raise UserError(f"config.json: {key} '{value}' is not supported (only "
+                            f"{' or '.join(allowed.split())})")
     return cfg, layout
 
 
@@ -173,11 +162,7 @@ def read_config(ckpt_dir: str) -> tuple[VLConfig, str]:
     path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"{ckpt_dir}: no config.json (is this a checkpoint directory?)")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})")
+    d = read_json(path)
     try:
         return config_from_json(d)
     except UserError as e:
@@ -186,16 +171,9 @@ def read_config(ckpt_dir: str) -> tuple[VLConfig, str]:
 
 def _llm_json(t: TextConfig) -> dict:
     qwen3 = {"attention_bias": False} if t.model_type == "qwen3" else {}  # Qwen2 has no such key
-    return {"architectures": [SUPPORTED_LLM[t.model_type]], "model_type": t.model_type, **qwen3,
-            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim,
-            "hidden_act": "silu", "rms_norm_eps": t.rms_norm_eps, "rope_theta": t.rope_theta,
-            "max_position_embeddings": t.max_position_embeddings,
-            "tie_word_embeddings": t.tie_word_embeddings, "bos_token_id": t.bos_token_id,
-            "eos_token_id": t.eos_token_id, "use_sliding_window": False,
-            "attention_dropout": 0.0, "torch_dtype": "bfloat16"}
+    return {"architectures": [SUPPORTED_LLM[t.model_type]], **dataclasses.asdict(t), **qwen3,
+            "hidden_act": "silu", "use_sliding_window": False, "attention_dropout": 0.0,
+            "torch_dtype": "bfloat16"}
 
 
 def config_to_json(cfg: VLConfig, layout: str = "original") -> dict:
@@ -223,17 +201,10 @@ def config_to_json(cfg: VLConfig, layout: str = "original") -> dict:
         return {
             "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
             "vision_config": {
-                "model_type": "internvl_vision", "hidden_size": v.hidden_size,
-                "intermediate_size": v.intermediate_size,
-                "num_attention_heads": v.num_attention_heads,
-                "num_hidden_layers": v.num_hidden_layers,
-                "image_size": [v.image_size, v.image_size],
-                "patch_size": [v.patch_size, v.patch_size], "norm_type": v.norm_type,
-                "layer_norm_eps": v.layer_norm_eps, "attention_bias": v.qkv_bias,
-                "use_qk_norm": v.qk_normalization, "hidden_act": v.hidden_act,
-                "layer_scale_init_value": v.initializer_factor, "use_mean_pooling": True,
-                "use_absolute_position_embeddings": True, "use_mask_token": False,
-                "num_channels": 3},
+                "model_type": "internvl_vision", **{k: getattr(v, f) for k, f in HF_VISION.items()},
+                "image_size": [v.image_size] * 2, "patch_size": [v.patch_size] * 2,
+                "use_mean_pooling": True, "use_absolute_position_embeddings": True,
+                "use_mask_token": False, "num_channels": 3},
             "text_config": _llm_json(t),
             "image_token_id": cfg.image_token_id, "image_seq_length": cfg.num_image_token,
             "downsample_ratio": cfg.downsample_ratio, "projector_hidden_act": "gelu",
@@ -338,9 +309,8 @@ def _weight_files(ckpt_dir: str) -> list[tuple[str, list[str] | None]]:
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = read_json(index)["weight_map"]
+        except (KeyError, TypeError) as e:
             raise UserError(f"{index}: not a valid safetensors index ({e})")
         shards = {}
         for key, shard in weight_map.items():

@@ -1,5 +1,6 @@
-"""Small shared pieces: the user-facing error type, device/dtype choice, rank-0 printing, atomic
-writes, JSON Lines files. Nothing here knows about the model; every other module may import it."""
+"""Small shared pieces: the user-facing error type, value checks, device/dtype choice, rank-0
+printing, atomic writes, JSON and JSON Lines files. Nothing here knows about the model; every other
+module may import it."""
 
 import argparse
 import json
@@ -18,6 +19,19 @@ class UserError(Exception):
     """Bad input from a user (a file, a flag, a line of data). Scripts catch it and print
     `error: <message>` as one line on stderr, then exit non-zero: a user's mistake never produces a
     traceback. The message must name the file, line, key or flag."""
+
+
+def check_values(rules: dict, values, error=UserError):
+    """rules {name: (test, what it must be)} -> `error` naming the first value that breaks its rule
+    in one line: '--flag v: ...' (values: parsed args) or 'keyword=v: ...' (values: a dict)."""
+    for name, (ok, what) in rules.items():
+        if isinstance(values, dict):
+            v, shown = values[name], f"{name}={values[name]!r}"
+        else:
+            v = getattr(values, name[2:].replace("-", "_"))
+            shown = f"{name} {v}"
+        if isinstance(v, bool) or not ok(v):
+            raise error(f"{shown}: must be {what}")
 
 
 def die(msg: str, code: int = 2):
@@ -128,6 +142,24 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def parse_json(data: bytes, path: str, lineno: int | None = None):
+    """JSON bytes -> the value, or one UserError naming file and line (lineno: a JSONL line's)."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}{f':{lineno}' if lineno else ''}: not UTF-8 text")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno or e.lineno}: malformed JSON: {e.msg} (column {e.colno})")
+
+
+def read_json(path, what: str = "file"):
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such {what}")
+    with open(path, "rb") as f:
+        return parse_json(f.read(), path)
+
+
 def read_jsonl(path, bad: list | None = None) -> list[tuple[int, dict]]:
     """-> [(line number (1-based), object)]; blank lines are skipped. A line that is not a JSON
     object raises a UserError naming file and line, or, when a `bad` list is given
@@ -141,13 +173,7 @@ def read_jsonl(path, bad: list | None = None) -> list[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                try:
-                    obj = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise UserError(f"{path}:{lineno}: not UTF-8 text")
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})")
-                if not isinstance(obj, dict):
+                if not isinstance(obj := parse_json(line, path, lineno), dict):
                     raise UserError(f"{path}:{lineno}: expected a JSON object, got "
                                     f"{type(obj).__name__}")
             except UserError as e:

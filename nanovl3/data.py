@@ -20,7 +20,6 @@ dataset_packed.py (`PackedDataset`), internvl_chat_finetune.py.
 Tests: python -m pytest -q tests/test_data.py"""
 
 import functools
-import json
 import math
 import os
 import random
@@ -30,7 +29,7 @@ import torch
 from PIL import Image
 
 from nanovl3.chat import expand_image_tokens, tokenize_conversation
-from nanovl3.common import UserError, read_jsonl
+from nanovl3.common import UserError, read_json, read_jsonl
 from nanovl3.image import load_image, preprocess_image, tiles_per_image
 from nanovl3.losses import IGNORE
 
@@ -53,13 +52,7 @@ class DatasetSpec:
 def read_meta(meta_path) -> list[DatasetSpec]:
     """The official meta.json: {name: {root, annotation, repeat_time, data_augment?,
     max_dynamic_patch?, kind?}}; relative paths start at the meta file's directory."""
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{meta_path}: no such meta file")
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}:{e.lineno}: malformed JSON: {e.msg}")
+    meta = read_json(meta_path, "meta file")
     if not isinstance(meta, dict) or not meta:
         raise UserError(f"{meta_path}: expected a JSON object "
                         "{name: {root, annotation, repeat_time}}")
@@ -212,7 +205,7 @@ def interleaved_sample(tok, record, where, cfg: DataConfig, root="", max_dynamic
     return _finish(tok, ids, labels, pixels, num_tiles, where, cfg)
 
 
-def text_sample(tok, record, where, cfg: DataConfig) -> Sample:
+def text_sample(tok, record, where, cfg: DataConfig, *_) -> Sample:
     """Pure text -> tokens + <|endoftext|>, every token supervised."""
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
@@ -257,13 +250,12 @@ def build_sample(tok, spec: DatasetSpec, lineno: int, record: dict, cfg: DataCon
     """Dispatch on the dataset kind -> a Sample (a (chosen, rejected) pair for preference data);
     augment_rng is used only when the dataset has data_augment."""
     where = f"{spec.annotation}:{lineno}"
-    rng = augment_rng if spec.data_augment else None
-    if spec.kind == "text":
-        return text_sample(tok, record, where, cfg)
-    build = {"sft": sft_sample, "interleaved": interleaved_sample, "preference": preference_sample}
+    build = {"sft": sft_sample, "interleaved": interleaved_sample, "text": text_sample,
+             "preference": preference_sample}
     if spec.kind not in build:
         raise UserError(f"{where}: unknown dataset kind '{spec.kind}'")
-    return build[spec.kind](tok, record, where, cfg, spec.root, spec.max_dynamic_patch, rng)
+    return build[spec.kind](tok, record, where, cfg, spec.root, spec.max_dynamic_patch,
+                            augment_rng if spec.data_augment else None)
 
 
 # -----------------------------------------------------------------------------
@@ -482,13 +474,6 @@ def collate_padded(samples: list[Sample], pad_id: int, image_size: int = 448,
     batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # [B,T] each
     batch["pixel_values"], batch["image_flags"] = _pixels(samples, image_size)
     return batch
-
-
-def padding_stats(batches: list[dict]) -> dict:
-    """Collated batches (packed or padded) -> {"tokens", "slots", "padding"}: share of pad slots."""
-    slots = sum(b["doc_ids"].numel() for b in batches)
-    tokens = sum(int((b["doc_ids"] >= 0).sum()) for b in batches)
-    return {"tokens": tokens, "slots": slots, "padding": 1 - tokens / max(slots, 1)}
 
 
 class PackedStream:

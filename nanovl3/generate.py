@@ -8,9 +8,8 @@ Generation: prefill once into a preallocated KV cache, then decode one token at 
 - num_samples > 1 (Best-of-N): the prompt is prefilled ONCE and its cache rows copied N times.
 - sampling: greedy (temperature 0), temperature, top-k, top-p; row r has its own generator seeded
   seed + r, so a row samples the same tokens alone or in a batch.
-- the model is opted into nanovl3.fast's CPU paths; eager decode reads only the written slots
-  (Mask.kv_len), masked only if padded. compile=True keeps fixed shapes (one token, the whole cache,
-  a causal mask), compiled once per cache size rounded up to 256 slots (CUDA graphs; CPU: freezing).
+- eager decode (nanovl3.fast's CPU paths) reads only the written slots (Mask.kv_len). compile=True
+  keeps fixed shapes, compiled once per cache size rounded up to 256 slots.
 - the only host syncs: streaming and stop checks (every step; every 8 on CUDA unless streaming).
 - chat(): one turn of a multi-turn conversation, as upstream `chat` with `history`.
 Shapes: B prompts, R = B*num_samples rows, L padded prompt length, S = L+max_new_tokens, V vocab"""
@@ -23,7 +22,7 @@ import torch
 
 from nanovl3.attention import Mask, causal_mask
 from nanovl3.chat import add_image_tags, render_prompt
-from nanovl3.common import UserError
+from nanovl3.common import UserError, check_values
 from nanovl3.fast import speed_up
 from nanovl3.model import v2pe_position_ids
 from nanovl3.text import KVCache
@@ -38,14 +37,6 @@ SAMPLING_RULES = {
     "top_p": (lambda v: isinstance(v, Real) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
     "num_samples": (lambda v: isinstance(v, Integral) and v >= 1, "an integer >= 1"),
 }
-
-
-def check_sampling(**values):
-    """ValueError naming the first keyword whose value breaks its SAMPLING_RULES rule."""
-    for k, v in values.items():
-        ok, want = SAMPLING_RULES[k]
-        if isinstance(v, bool) or not ok(v):
-            raise ValueError(f"{k}={v!r}: must be {want}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -98,8 +89,9 @@ def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None 
     prompt-major: row r = prompt r // num_samples, sample r % num_samples. stream(tokens) is called
     after every step with each row's token just sampled. v2pe_delta: the fixed V2PE δ of every
     image (1 = plain positions, as the released checkpoints use)."""
-    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, num_samples=num_samples)
+    check_values(SAMPLING_RULES, dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, num_samples=num_samples),
+                 ValueError)
     if not prompts or not all(len(p) for p in prompts):
         raise ValueError("prompts: need at least one prompt, each of at least one token id")
     speed_up(model)
@@ -169,21 +161,18 @@ def generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None 
         mask = Mask(q_slot, doc_q, cache.doc if padded else None,
                     kv_len=None if compile else L + t + 1)
         logits = step(x, pos, mask, cache, slot)
-    tokens = torch.stack(out, dim=1).tolist()  # [R, t]
     stop_set = set(stop_ids)
     return [row[:next((i for i, tok in enumerate(row) if tok in stop_set), len(row))]
-            for row in tokens]
+            for row in torch.stack(out, dim=1).tolist()]  # [R, t]
 
 
 def chat(model, tok, question: str, pixel_values: torch.Tensor | None = None,
          num_tiles: list[int] = (), history: list[tuple[str, str]] = (), video: bool = False,
          **sampling) -> tuple[str, list[tuple[str, str]]]:
-    """One turn -> (answer, history + [(question, answer)]), as upstream modeling_internvl_chat.py
-    `chat` with `history`: the whole conversation (system, each earlier question with its stripped
-    answer, the new question) is rendered as text and tokenised afresh, so a turn equals a fresh
-    single call. The images (all tiles, every turn) belong to the first turn: their tags are put
-    in its question (add_image_tags; video: Frame1..N) and kept in the history. No KV cache is
-    carried across turns. sampling: generate's keywords (max_new_tokens, temperature, stream...)."""
+    """One turn -> (answer, history + [(question, answer)]), as upstream `chat` with `history`: the
+    whole conversation is rendered and tokenised afresh (no KV cache carried across turns). The
+    images (all tiles, every turn) belong to the first turn: their tags go in its question
+    (add_image_tags; video: Frame1..N). sampling: generate's keywords (max_new_tokens, ...)."""
     question = add_image_tags(question, len(num_tiles), history, video)
     prompt = render_prompt(question, list(num_tiles), model.cfg.num_image_token, history,
                            model.cfg.system_message)

@@ -95,9 +95,7 @@ def tiles_to_tensor(tiles: list[Image.Image], image_size: int = 448) -> torch.Te
             tile = tile.resize((image_size, image_size), Image.BICUBIC)
         x = (np.asarray(tile, dtype=np.float32) / 255.0 - mean) / std  # [S,S,3], from [0,1]
         out.append(x.transpose(2, 0, 1))  # [S,S,3] -> [3,S,S]
-    if not out:
-        return torch.zeros(0, 3, image_size, image_size)
-    return torch.from_numpy(np.stack(out))  # [N,3,S,S] fp32
+    return torch.from_numpy(np.stack(out)) if out else torch.zeros(0, 3, image_size, image_size)
 
 
 # -----------------------------------------------------------------------------

@@ -49,17 +49,13 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype)
-                  for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype)
-                  for _ in range(cfg.num_hidden_layers)]
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype)
+                           for _ in range(cfg.num_hidden_layers)] for _ in range(2))
         self.doc = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
-        self.max_len = max_len
 
     def repeat_rows(self, n: int):
         """Each row becomes n consecutive rows: prefill once, then sample n answers (Best-of-N)."""
-        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
-        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+        self.k, self.v = ([t.repeat_interleave(n, dim=0) for t in ts] for ts in (self.k, self.v))
         self.doc = self.doc.repeat_interleave(n, dim=0)
 
 

@@ -1,9 +1,7 @@
-"""What the training scripts (train.py: pre-training, SFT; mpo.py: preference training) share:
-common flags, torchrun setup and teardown, DDP or FSDP2, activation checkpointing, parameter
-groups (freeze, per-group lr), the warmup + cosine schedule, the optimizer step, saving and
-resuming, the dense log line + JSONL metrics, MFU, and their eval.json.
-Nothing here owns a training loop: each script reads top to bottom as args -> init -> data -> model
--> loop. Checkpoints: checkpoint.py; held-out evaluation: evaluate.py."""
+"""What train.py (pre-training, SFT) and mpo.py (preference training) share: flags, torchrun, DDP or
+FSDP2, activation checkpointing, parameter groups, the lr schedule, saving and resuming, the log
+line + metrics.jsonl, MFU, eval.json. No training loop: each script reads top to bottom as args ->
+init -> data -> model -> loop. Checkpoints: checkpoint.py; held-out evaluation: evaluate.py."""
 
 import functools
 import json
@@ -23,7 +21,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from nanovl3.checkpoint import restore_run, save_run
-from nanovl3.common import UserError, eprint, pick_device, pick_dtype, print0, write_json
+from nanovl3.common import (UserError, check_values, eprint, pick_device, pick_dtype, print0,
+                            write_json)
 from nanovl3.data import DataConfig
 from nanovl3.model import InternVL
 
@@ -35,22 +34,19 @@ def add_common_args(parser, out_dir: str, lr: float, log_interval: int, eval_per
     add = parser.add_argument
     add("--out-dir", default=out_dir, help="checkpoint, metrics.jsonl and eval.json go here")
     add("--resume", action="store_true", help="continue from <out-dir>/ckpt exactly")
-    add("--overwrite", action="store_true",
-        help="start over in an --out-dir that holds a run: its metrics.jsonl and eval.json are "
-             "deleted, its checkpoint replaced at the first save")
+    add("--overwrite", action="store_true", help="start over in an --out-dir that holds a run "
+        "(metrics.jsonl, eval.json deleted; the checkpoint replaced at the first save)")
     add("--seed", type=int, default=0, help="seed of init, data order and augmentation")
     add("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    add("--threads", type=int, default=-1,
-        help="CPU threads of torch (-1 = its default, one per core); 1 when other processes keep "
-             "the cores busy")
+    add("--threads", type=int, default=-1, help="CPU threads of torch (-1 = one per core); 1 "
+        "when other processes keep the cores busy")
     add("--dtype", default=None,
         help="autocast dtype; weights stay fp32 (default: bfloat16 on CUDA, none on CPU)")
     add("--compile", action="store_true",
         help="torch.compile the model (on CUDA it recompiles for new tile counts: see README)")
     add("--freeze", default="", help="comma list of parts to freeze: vit,mlp,llm")
-    add("--grad-checkpoint", action="store_true",
-        help="recompute each ViT and LLM layer in backward: less activation memory, ~1/3 more "
-             "compute")
+    add("--grad-checkpoint", action="store_true", help="recompute each ViT and LLM layer in "
+        "backward: less activation memory, ~1/3 more compute")
     add("--fsdp", action="store_true",
         help="under torchrun: shard weights, gradients and optimizer state (FSDP2), not DDP")
     add("--max-seq-len", type=int, default=2048, help="longest sample, in tokens")
@@ -59,15 +55,13 @@ def add_common_args(parser, out_dir: str, lr: float, log_interval: int, eval_per
     add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (per rank)")
     add("--lr", type=float, default=lr, help="peak learning rate")
     add("--weight-decay", type=float, default=0.05)
-    add("--warmup-ratio", type=float, default=0.03,
-        help="share of a stage's steps for linear warmup")
+    add("--warmup-ratio", type=float, default=0.03, help="share of a stage's steps for warmup")
     add("--clip", type=float, default=1.0, help="gradient norm clip (-1 = off)")
     add("--log-interval", type=int, default=log_interval, help="steps between log lines")
     add("--ckpt-interval", type=int, default=100, help="steps between checkpoints")
     add("--eval-per-type", type=int, default=eval_per_type,
         help="held-out questions per type (-1 = all, 0 = no eval)")
-    add("--max-steps", type=int, default=-1,
-        help="stop after this many steps in total (tests, or to resume)")
+    add("--max-steps", type=int, default=-1, help="stop after this many steps in all (tests)")
 
 
 POSITIVE = (lambda v: v >= 1, "at least 1")
@@ -85,23 +79,15 @@ COMMON_RANGES = {  # checked by Session before any work
 }
 
 
-def check_ranges(args, ranges: dict):
-    """{flag: (test, what it must be)} -> one line naming the first flag out of range."""
-    for flag, (ok, what) in ranges.items():
-        v = getattr(args, flag[2:].replace("-", "_"))
-        if not ok(v):
-            raise UserError(f"{flag} {v}: must be {what}")
-
-
 # -----------------------------------------------------------------------------
 # distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 
 def dist_init(device_name: str | None = None):
     """-> (ddp, rank, world_size, device). gloo on CPU, nccl on CUDA; a plain run is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return False, 0, 1, pick_device(device_name)
-    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        return False, 0, 1, device
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -262,16 +248,13 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on 
 # -----------------------------------------------------------------------------
 # the script skeleton
 
-BUSY_NOTE = ("--threads 1 (or OMP_NUM_THREADS=1) trained the toy 2x faster than 2 threads on a "
-             "busy 2-core machine")
-
-
 def warn_if_busy(device):
     """Torch's threads wait on each other when other processes hold the cores: say so, once."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if device.type == "cpu" and torch.get_num_threads() > 1 and load > cores - 0.5:
         eprint(f"note: load average {load:.1f} on {cores} cores (other processes are busy): "
-               + BUSY_NOTE)
+               "--threads 1 (or OMP_NUM_THREADS=1) trained the toy 2x faster than 2 threads on a "
+               "busy 2-core machine")
 
 
 def claim_out_dir(args, rank: int):
@@ -288,16 +271,16 @@ def claim_out_dir(args, rank: int):
             if os.path.isfile(os.path.join(args.out_dir, f)):
                 os.remove(os.path.join(args.out_dir, f))
 
+
 class Session:
     """One training process: torchrun state, the model as trained (checkpointed, FSDP-sharded or
     DDP-wrapped, compiled: as asked), autocast, the logger, saving and resuming. The loop calls
     `model`; `raw`: the InternVL (sharded under FSDP: full_model() gathers it).
     `with Session(args) as S:` turns Ctrl-C into one line: where it stopped, how to resume."""
 
-    def __init__(self, args, ranges: dict = {}):
-        """ranges: the script's own flags to check, as COMMON_RANGES."""
+    def __init__(self, args, ranges: dict = {}):  # ranges: the script's own, as COMMON_RANGES
         self.args, self.t_start = args, time.time()
-        check_ranges(args, {**COMMON_RANGES, **ranges})
+        check_values({**COMMON_RANGES, **ranges}, args)
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         self.ddp, self.rank, self.world, self.device = dist_init(args.device)
@@ -326,7 +309,7 @@ class Session:
         argv = [a for a in sys.argv[1:] if a != "--overwrite"]
         again = shlex.join(["python", os.path.basename(sys.argv[0]), *argv]
                            + ([] if "--resume" in argv else ["--resume"]))
-        return (f"interrupted at {self.at}; last checkpoint {self.saved}: resume with {again}")
+        return f"interrupted at {self.at}; last checkpoint {self.saved}: resume with {again}"
 
     def wrap(self, raw):
         self.raw = self.model = raw

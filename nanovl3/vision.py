@@ -17,9 +17,7 @@ from nanovl3.layers import RMSNorm, drop_path, drop_path_rates
 
 
 def make_norm(cfg: VisionConfig, dim: int) -> nn.Module:
-    if cfg.norm_type == "rms_norm":
-        return RMSNorm(dim, cfg.layer_norm_eps)
-    return nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+    return (RMSNorm if cfg.norm_type == "rms_norm" else nn.LayerNorm)(dim, cfg.layer_norm_eps)
 
 
 class VisionEmbeddings(nn.Module):

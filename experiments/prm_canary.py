@@ -1,0 +1,346 @@
+"""
+A PRM canary: the PRM pipeline (prm_conversation -> tokenize_conversation -> packing -> lm_loss ->
+train.py -> prm_step_scores) trained on synthetic step labels that the step text alone decides. A
+PRM that cannot learn the one-token rule (word) points at the pipeline; the arithmetic rules (sum,
+addk) measure how fast it learns what the toy's real sum-step labels ask.
+
+    python -m experiments.prm_canary                          # all tasks, fresh toy models
+    python -m experiments.prm_canary --tasks word --steps 100  # a fresh toy model, one task
+    python -m experiments.prm_canary --init runs/toy/ckpt --real runs/prm_canary/real_data
+        # from the SFT checkpoint, and a PRM on real Monte-Carlo labels (made there if absent)
+
+Tasks (one step per user turn, as VisualPRM §3; a conversation ends at its first "-", as
+experiments/reasoning.py's mc_labels):
+  sum   each step is "a + b = c." with a + b <= 9: "+" iff c = a + b (single-digit arithmetic, the
+        form of the toy's "add k" sum step)
+  word  each step is "The shape is <colour>.": "+" iff the colour is red
+  addk  the toy's "add k" chain as text: count, "n + k = c.", answer (addk_item)
+Writes <out>/results.json; the published run: experiments/results/prm_canary/."""
+
+import argparse
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data import toyworld
+from experiments.reasoning import (load, make_questions, mc_labels, meta, rows_of, run, sample,
+                                   tiles_of)
+from nanovl3.common import UserError, read_jsonl, user_errors, write_json, write_jsonl
+from nanovl3.critic import MINUS, PLUS, prm_conversation, prm_step_scores
+from nanovl3.data import PackedStream, SampleStream, collate_packed, read_meta
+from nanovl3.losses import lm_loss
+from nanovl3.training import data_config, lr_factor, make_optimizer, param_groups, set_lr
+
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
+THREADS = 1  # torch threads: on a busy 2-core machine 1 thread ran the toy 2-10x faster than 2
+QUESTIONS = {"sum": "Check the sums, one at a time.", "word": "Is every shape red?"}
+TASKS = ("word", "sum", "addk")
+
+
+def canary_step(rng: random.Random, task: str, good: bool) -> str:
+    if task == "word":
+        return f"The shape is {'red' if good else rng.choice(COLOURS[1:])}."
+    a = rng.randint(0, 9)
+    b = rng.randint(0, 9 - a)
+    c = a + b if good else rng.choice([x for x in range(10) if x != a + b])
+    return f"{a} + {b} = {c}."
+
+
+def addk_item(rng: random.Random, p_good: float = 0.6) -> dict:
+    """The toy's "add k" chain (data/toyworld.py arith_add) without its picture: the count step is
+    taken as right; the sum step is "+" iff it adds the question's k to that count and sums right
+    (the rule its real Monte-Carlo labels follow); the answer step iff it repeats the sum."""
+    n, k = rng.randint(1, 5), rng.randint(1, 3)
+    question = (f"If you add {k} more {toyworld.plural('shape', k)}, how many shapes will there "
+                f"be? {toyworld.COT_SUFFIX}")
+    a, b, c = n, k, n + k
+    if rng.random() > p_good:  # one of the toy policy's mistakes: a wrong term or a wrong sum
+        wrong = rng.choice(["a", "b", "c"])
+        a, b, c = (rng.choice([x for x in range(1, 10) if x != v]) if w == wrong else v
+                   for w, v in (("a", a), ("b", b), ("c", c)))
+    steps = [f"{toyworld.there_are(n)} in the image.", f"{a} + {b} = {c}."]
+    labels = [PLUS, PLUS if (a, b, c) == (n, k, n + k) else MINUS]
+    if labels[-1] == PLUS:
+        good = rng.random() < p_good
+        said = c if good else rng.choice([x for x in range(10) if x != c])
+        steps.append(f"The answer is {said}.")
+        labels.append(PLUS if good else MINUS)
+    return {"question": question, "steps": steps, "labels": labels}
+
+
+def canary_items(rng: random.Random, n: int, task: str, p_good: float = 0.6,
+                 max_steps: int = 3) -> list[dict]:
+    """n conversations of 1..max_steps steps, each step right with probability p_good; labels end
+    at the first "-"."""
+    if task == "addk":
+        return [addk_item(rng, p_good) for _ in range(n)]
+    items = []
+    for _ in range(n):
+        steps, labels = [], []
+        for _ in range(rng.randint(1, max_steps)):
+            good = rng.random() < p_good
+            steps.append(canary_step(rng, task, good))
+            labels.append(PLUS if good else MINUS)
+            if not good:
+                break
+        items.append({"question": QUESTIONS[task], "steps": steps, "labels": labels})
+    return items
+
+
+def auc(scores: list[float], labels: list[bool]) -> float | None:
+    """ROC AUC: P(a "+" step outscores a "-" step), ties count half. None without both classes."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def score_items(prm, tok, items: list[dict], out: Path | None = None) -> list[list[float]]:
+    """Step scores of labelled items {question, steps[, image]} through prm_step_scores, the items
+    of one question and images in one call; an item's "image" paths are relative to `out`."""
+    groups = {}
+    for i, it in enumerate(items):
+        groups.setdefault((it["question"], tuple(it.get("image") or ())), []).append(i)
+    scores = [None] * len(items)
+    for (question, image), idx in groups.items():
+        pix, tiles = None, []
+        if image:
+            t = tiles_of(items[idx[0]], out, prm.cfg)
+            pix, tiles = torch.cat(t), [x.size(0) for x in t]
+        got = prm_step_scores(prm, tok, question, ["\n\n".join(items[i]["steps"]) for i in idx],
+                              pix, tiles)
+        for i, s in zip(idx, got):
+            scores[i] = s
+    return scores
+
+
+def step_aucs(items: list[dict], scores: list[list[float]], key=lambda it, k: k) -> dict:
+    """AUC of the step scores against the labels, over all steps and per group key(item, k)."""
+    groups = {"all": ([], [])}
+    for it, s in zip(items, scores):
+        for k, (x, y) in enumerate(zip(s, it["labels"])):
+            for g in ("all", str(key(it, k))):
+                groups.setdefault(g, ([], []))
+                groups[g][0].append(x)
+                groups[g][1].append(y == PLUS)
+    return {g: {"auc": auc(xs, ys), "n": len(ys), "plus": sum(ys)}
+            for g, (xs, ys) in sorted(groups.items())}
+
+
+def summary(aucs: dict) -> str:
+    return ", ".join(f"{g} {v['auc']:.3f} (n = {v['n']})" for g, v in aucs.items()
+                     if v["auc"] is not None)
+
+
+def train_in_process(model, tok, data: Path, steps: int, lr: float = 1e-3, seed: int = 0,
+                     max_packed_tokens: int = 1024, loss_reduction: str = "square") -> list[float]:
+    """train.py's SFT step without its process (the fast test and quick diagnostics): data/meta.json
+    -> SampleStream -> PackedStream -> collate_packed -> model -> lm_loss -> AdamW, with the same
+    schedule, parameter groups and clipping. -> the losses."""
+    stream = PackedStream(SampleStream(read_meta(data / "meta.json"), tok,
+                                       data_config(model.cfg, -1, 2048), seed=seed),
+                          max_packed_tokens, 48)
+    groups = param_groups(model, set(), {"vit": lr, "mlp": lr, "llm": lr}, 0.05)
+    params = [p for g in groups for p in g["params"]]
+    optimizer, losses = make_optimizer(groups, torch.device("cpu")), []
+    model.train()
+    for step in range(steps):
+        set_lr(optimizer, lr_factor(step, steps, max(1, round(0.03 * steps))))
+        batch = collate_packed(next(stream), tok.pad_id, model.cfg.vision.image_size,
+                               loss_reduction=loss_reduction)
+        logits = model(batch["input_ids"], batch["pixel_values"], batch["image_flags"],
+                       batch["position_ids"], batch["doc_ids"])
+        loss = lm_loss(logits, batch["labels"], batch["loss_weight"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def write_canary(out: Path, items: list[dict]):
+    """Labelled items -> out/prm.jsonl + out/meta.json, the PRM data form of reasoning.py."""
+    rows = [{"conversations": prm_conversation(it["question"], it["steps"], it["labels"])}
+            for it in items]
+    write_jsonl(out / "prm.jsonl", rows)
+    meta(out / "meta.json", "prm.jsonl", length=len(rows))
+
+
+def train_prm(data: Path, init: str, out: Path, steps: int, seed: int, extra: list[str] = ()):
+    """train.py --stage sft on data/meta.json: the PRM's training path (experiments/reasoning.py
+    step 6); from init (a checkpoint) or, with init "", a fresh toy-preset model."""
+    cmd = ["train.py", "--stage", "sft", "--sft-meta", str(data / "meta.json"), "--out-dir",
+           str(out), "--sft-steps", str(steps), "--eval-per-type", "0", "--eval-file", "none",
+           "--eval-text", "none", "--seed", str(seed), "--threads", str(THREADS), "--overwrite",
+           *extra]
+    cmd += ["--init-from", init] if init else ["--tokenizer", "data/toy"]
+    run(cmd, out.parent / f"{out.name}.log")
+
+
+def canary(args, task: str) -> dict:
+    """Train a PRM with train.py on --n-train canary conversations of `task`, score 300 held-out
+    ones with prm_step_scores -> the step AUC, overall and per step."""
+    out = Path(args.out).resolve() / task
+    rng = random.Random(f"canary/{task}/{args.seed}")
+    train, held = canary_items(rng, args.n_train, task), canary_items(rng, 300, task)
+    write_canary(out / "data", train)
+    t = time.time()
+    train_prm(out / "data", args.init, out / "prm", args.steps, args.seed,
+              ["--lr", str(args.lr), "--max-packed-tokens", str(args.max_packed_tokens)])
+    seconds = round(time.time() - t, 1)
+    prm, tok = load(str(out / "prm" / "ckpt"))
+    scores = score_items(prm, tok, held)
+    res = {"task": task, "train_conversations": len(train),
+           "held_out_conversations": len(held), "steps": args.steps, "lr": args.lr,
+           "init": args.init or "fresh toy preset",
+           **({"sum_step_by_mistake": sum_step_by_mistake(held, scores)} if task == "addk" else {}),
+           "train_seconds": seconds,
+           "step_auc": step_aucs(held, scores, key=lambda it, k: f"step {k + 1}"),
+           "examples": [{"steps": it["steps"], "labels": it["labels"],
+                         "scores": [round(x, 3) for x in s]} for it, s in zip(held[:6], scores)]}
+    print(f"[{task}] held-out step AUC: {summary(res['step_auc'])}; training {seconds:.0f}s")
+    return res
+
+
+def make_real_labels(args, src: Path):
+    """experiments/reasoning.py's stages 1, 2 and 5 (questions, rollouts, Monte-Carlo labels) at
+    --n-train questions from the --sft checkpoint, into src (skipped when src/prm exists)."""
+    if (src / "prm" / "prm.jsonl").exists():
+        return
+    make_questions(src, args.n_real, 1, args.seed)
+    questions = rows_of(src / "questions" / "train.jsonl")
+    model, tok = load(args.sft)
+    answers = sample(model, tok, src, [(q, "") for q in questions], 8, 0.7, args.seed)
+    rolls = [{**q, "answers": a} for q, a in zip(questions, answers)]
+    write_jsonl(src / "rollouts.jsonl", rolls)
+    rows = mc_labels(model, tok, src, rolls, 2, 4, args.seed, temperature=0.7, grade="steps")
+    write_jsonl(src / "prm" / "prm.jsonl", rows)
+
+
+def real_items(rows: list[dict], types: dict) -> list[dict]:
+    """PRM training lines -> labelled items {image, question, steps, labels, type}."""
+    items = []
+    for row in rows:
+        conv = row["conversations"]
+        first = conv[1]["value"].split("### Solution Process:\n", 1)
+        question = first[0].removeprefix("### Question:\n").removesuffix("\n\n")
+        items.append({"image": row["image"], "question": question,
+                      "steps": [first[1]] + [t["value"] for t in conv[3::2]],
+                      "labels": [t["value"] for t in conv[2::2]],
+                      "type": types.get(question, "?")})
+    return items
+
+
+def addk_rule(item: dict) -> bool | None:
+    """The text rule of an "add k" sum step (addk_item): it adds the question's k to the count the
+    first step states, and sums right. None: not an "add k" chain with a sum step of that form."""
+    k = re.search(r"add (\d+) more", item["question"])
+    n = re.match(r"There (?:is|are) (\d+) shapes? in the image\.$", item["steps"][0])
+    step = re.match(r"(\d+) \+ (\d+) = (\d+)\.$", item["steps"][1]) if len(item["steps"]) > 1 \
+        else None
+    if not (k and n and step):
+        return None
+    a, b, c = map(int, step.groups())
+    return (a, b, c) == (int(n[1]), int(k[1]), int(n[1]) + int(k[1]))
+
+
+def sum_step_by_mistake(items: list[dict], scores: list[list[float]]) -> dict:
+    """"add k" chains: the AUC of right sum steps against those with each kind of mistake."""
+    kinds = {}
+    for it, sc in zip(items, scores):
+        if len(sc) < 2 or addk_rule(it) is None:
+            continue
+        a, b, c = map(int, re.findall(r"\d+", it["steps"][1]))
+        n, k = (int(re.search(r"\d+", t)[0]) for t in (it["steps"][0], it["question"]))
+        kind = ("right" if addk_rule(it) else "wrong count" if a != n else
+                "wrong k" if b != k else "wrong sum")
+        kinds.setdefault(kind, []).append(sc[1])
+    right = kinds.pop("right", [])
+    return {kind: {"auc": auc(right + bad, [True] * len(right) + [False] * len(bad)),
+                   "n": len(bad)} for kind, bad in sorted(kinds.items())}
+
+
+def real(args) -> dict:
+    """Held-out step AUC of a PRM trained (train.py, from --sft) on real Monte-Carlo labels: the
+    conversations of the last --held-out share of the questions (text and pictures) are held out."""
+    src = Path(args.real).resolve()
+    make_real_labels(args, src)
+    rows = [row for _, row in read_jsonl(src / "prm" / "prm.jsonl")]
+    types = {r["question"]: r["type"] for r in rows_of(src / "questions" / "train.jsonl")}
+    items = real_items(rows, types)
+    # a question is its text AND its pictures: the toy's texts repeat ("add 2 more shapes")
+    key = [(it["question"], tuple(it["image"])) for it in items]
+    order = list(dict.fromkeys(key))
+    held_q = set(order[round(len(order) * (1 - args.held_out)):])
+    train = [row for row, q in zip(rows, key) if q not in held_q]
+    held = [it for it, q in zip(items, key) if q in held_q]
+    out = Path(args.out).resolve() / "real"
+    write_jsonl(out / "data" / "prm.jsonl", train)
+    meta(out / "data" / "meta.json", "prm.jsonl", length=len(train), root=str(src))
+    t = time.time()
+    train_prm(out / "data", args.sft, out / "prm", args.real_steps, args.seed)
+    seconds = round(time.time() - t, 1)
+    prm, tok = load(str(out / "prm" / "ckpt"))
+    scores = score_items(prm, tok, held, src)
+    # how far the sum step's label is decided by its text: the rule against the Monte-Carlo label,
+    # over every conversation whose count step is "+"
+    ruled = [(addk_rule(it), it["labels"][1]) for it in items
+             if it["type"] == "arith_add" and it["labels"][0] == PLUS and len(it["labels"]) > 1]
+    ruled = [(r, y) for r, y in ruled if r is not None]
+    res = {"source": str(src), "train_conversations": len(train),
+           "held_out_conversations": len(held), "steps": args.real_steps,
+           "train_seconds": seconds,
+           "addk_sum_step_rule": {"n": len(ruled), "agree": sum(r == (y == PLUS) for r, y in ruled),
+                                  "plus": sum(y == PLUS for _, y in ruled)},
+           "step_auc": step_aucs(held, scores, key=lambda it, k: f"{it['type']} step {k + 1}")}
+    print(f"[real] held-out step AUC: {summary(res['step_auc'])}")
+    return res
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tasks", default="word,sum,addk",
+                        help="canary tasks to run, a comma list of word, sum, addk")
+    parser.add_argument("--out", default="runs/prm_canary")
+    parser.add_argument("--init", default="",
+                        help="PRM initial checkpoint (default: a fresh toy-preset model)")
+    parser.add_argument("--n-train", type=int, default=4000, help="training conversations")
+    parser.add_argument("--steps", type=int, default=300, help="train.py --sft-steps")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-packed-tokens", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real", default="",
+                        help="an experiments.reasoning --out directory: also train and score a "
+                             "PRM on its Monte-Carlo labels (made there from --sft if absent)")
+    parser.add_argument("--sft", default="runs/toy/ckpt", help="the real PRM's initial checkpoint")
+    parser.add_argument("--real-steps", type=int, default=300, help="the real PRM's --sft-steps")
+    parser.add_argument("--n-real", type=int, default=600,
+                        help="training questions when --real has no labels yet")
+    parser.add_argument("--held-out", type=float, default=0.2,
+                        help="share of the real questions held out")
+    parser.add_argument("--results", default="", help="also write results.json here")
+    args = parser.parse_args()
+    tasks = [t for t in args.tasks.split(",") if t]  # "" runs no canary (only --real)
+    if bad := set(tasks) - set(TASKS):
+        raise UserError(f"--tasks: unknown {sorted(bad)} (use a comma list of {', '.join(TASKS)})")
+    torch.set_num_threads(THREADS)
+    res = {"command": " ".join(["python -m experiments.prm_canary", *sys.argv[1:]]),
+           "canary": {task: canary(args, task) for task in tasks}}
+    if args.real:
+        res["real"] = real(args)
+    for path in [Path(args.out) / "results.json"] + ([Path(args.results)] if args.results else []):
+        write_json(path.resolve(), res)
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main()

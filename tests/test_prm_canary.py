@@ -1,0 +1,107 @@
+"""
+The PRM canary: a label the step text alone decides ("+" iff the step says red) must be learned by
+a tiny model through the PRM's whole path (prm_conversation -> tokenize_conversation -> packing ->
+lm_loss -> prm_step_scores). Reading the wrong position or the wrong label ids must break it.
+
+    python -m pytest -q tests/test_prm_canary.py
+"""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from experiments import prm_canary
+from experiments.reasoning import ROOT
+from nanovl3 import critic
+from nanovl3.chat import train_tokenizer
+from nanovl3.config import preset
+from nanovl3.critic import PRM_SYSTEM_PROMPT
+from nanovl3.model import InternVL
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run faster on 1 thread (5x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny text-only PRM trained on the word canary, and held-out labelled items."""
+    rng = random.Random(0)
+    train, held = (prm_canary.canary_items(rng, n, "word") for n in (600, 120))
+    texts = [PRM_SYSTEM_PROMPT, "<|im_start|>user\n### Question:\n### Solution Process:\n",
+             "<|im_start|>assistant\n+-", prm_canary.QUESTIONS["word"]]
+    texts += [s for it in train for s in it["steps"]]
+    tok = train_tokenizer(texts * 4, vocab_size=400)
+    cfg = preset("toy", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    cfg.text.vocab_size, cfg.image_token_id = tok.vocab_size, tok.img_context_id
+    torch.manual_seed(0)
+    model = InternVL(cfg)
+    model.init_weights()
+    data = tmp_path_factory.mktemp("canary")
+    prm_canary.write_canary(data, train)
+    losses = prm_canary.train_in_process(model, tok, data, steps=200, lr=3e-3,
+                                         max_packed_tokens=512)
+    return model, tok, held, losses
+
+
+def auc_and_gap(model, tok, held) -> tuple[float, float]:
+    """The step AUC, and the mean P("+") of "+" steps minus that of "-" steps."""
+    scores = prm_canary.score_items(model, tok, held)
+    pairs = [(x, y == "+") for it, s in zip(held, scores) for x, y in zip(s, it["labels"])]
+    plus, minus = ([x for x, y in pairs if y == want] for want in (True, False))
+    gap = sum(plus) / len(plus) - sum(minus) / len(minus)
+    return prm_canary.step_aucs(held, scores)["all"]["auc"], gap
+
+
+def test_canary_is_learned(trained):
+    model, tok, held, losses = trained
+    assert losses[-1] < losses[0]
+    auc, gap = auc_and_gap(model, tok, held)
+    assert auc > 0.95 and gap > 0.3  # measured: 1.0 and 0.50
+
+
+def test_canary_fails_at_the_wrong_position(trained, monkeypatch):
+    """The canary's teeth: the same model read one token late (at the answer token itself, not the
+    "\\n" before it) no longer separates the labels. (A wrong label id cannot get this far:
+    prm_inputs checks that every answer token is plus_minus_ids' "+".)"""
+    model, tok, held, _ = trained
+    prm_inputs = critic.prm_inputs
+
+    def one_late(*args):
+        ids, positions = prm_inputs(*args)
+        return ids, [p + 1 for p in positions]
+
+    monkeypatch.setattr(critic, "prm_inputs", one_late)
+    auc, gap = auc_and_gap(model, tok, held)
+    assert auc < 0.9 and abs(gap) < 0.1  # measured: 0.74 and 0.0004
+
+
+def test_auc():
+    assert prm_canary.auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
+    assert prm_canary.auc([0.5, 0.5], [True, False]) == 0.5  # ties count half
+    assert prm_canary.auc([0.1, 0.9], [True, False]) == 0.0
+    assert prm_canary.auc([0.3], [True]) is None
+
+
+@pytest.mark.slow
+def test_the_experiment_runs_end_to_end(untrained_ckpt, tmp_path):
+    """python -m experiments.prm_canary at a tiny size: canary and real-label PRMs via train.py."""
+    out, real = tmp_path / "out", tmp_path / "real"
+    subprocess.run([sys.executable, "-m", "experiments.prm_canary", "--tasks", "word,addk",
+                    "--steps", "2", "--n-train", "40", "--init", str(untrained_ckpt), "--out",
+                    str(out), "--real", str(real), "--sft", str(untrained_ckpt), "--n-real", "3",
+                    "--real-steps", "2", "--held-out", "0.5"], check=True, cwd=ROOT)
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["canary"]) == {"word", "addk"}
+    assert res["canary"]["addk"]["step_auc"]["step 2"]["n"] == 300  # every item has a sum step
+    assert res["real"]["held_out_conversations"] > 0 and (real / "prm" / "prm.jsonl").is_file()
