@@ -324,7 +324,7 @@ def load_probe(which: str, path: str, dtype) -> float:
 # peak memory of one training step (train.py's fine-tuning path), in a fresh process
 MEMORY_PROBE = RSS + r"""
 from nanovl3.checkpoint import config_from_json
-from nanovl3.losses import IGNORE, lm_loss, loss_positions
+from nanovl3.losses import lm_loss
 from nanovl3.model import InternVL
 from nanovl3.training import checkpoint_layers
 cfg, _ = config_from_json(json.loads(sys.argv[1]))
@@ -340,17 +340,14 @@ g = torch.Generator().manual_seed(0)
 ids = torch.randint(2, cfg.text.vocab_size - 2, (1, T), generator=g)
 ids[0, 8:8 + cfg.num_image_token] = cfg.image_token_id  # one 448-px tile, then text
 pix = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
-labels = ids.clone()
-labels[:, :T // 2] = IGNORE  # the prompt half: no loss (as the SFT figure)
-ids, labels, pix = ids.to(dev), labels.to(dev), pix.to(dev)
+ids, pix = ids.to(dev), pix.to(dev)
 if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
 else:
     base = reset_peak()
 with torch.autocast(dev.type, dtype=torch.bfloat16):
-    at = loss_positions(labels)  # train.py: logits only where a token is supervised
-    loss = lm_loss(model(ids, pix, logits_at=at), labels)
+    loss = lm_loss(model(ids, pix), ids)
 loss.backward()
 peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else peak_rss()
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -370,9 +367,9 @@ def bench_memory(shape: str, cfg: VLConfig):
         got[ckpt] = json.loads(r.stdout.strip().splitlines()[-1])
     what = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
     GiB = 2 ** 30
-    record(shape, "train_memory", f"{what} of one training step, {T} tokens (1 tile, loss on the "
-           f"second half), bf16 autocast, fp32 weights: checkpointed / not", "GiB",
-           [got[1]["peak"] / GiB], [got[0]["peak"] / GiB], against="no checkpointing",
+    record(shape, "train_memory", f"{what} of one training step, {T} tokens (1 tile), bf16 "
+           f"autocast, fp32 weights: checkpointed / not", "GiB", [got[1]["peak"] / GiB],
+           [got[0]["peak"] / GiB], against="no checkpointing",
            note=f"fp32 weights alone: {got[1]['weights'] / GiB:.2f} GiB")
     record(shape, "train_memory_step", "the same, above the loaded weights (gradients + "
            "activations): checkpointed / not", "GiB", [(got[1]["peak"] - got[1]["base"]) / GiB],

@@ -34,7 +34,7 @@ from nanovl3.config import preset
 from nanovl3.data import PackedStream, SampleStream, collate_packed, read_meta
 from nanovl3.evaluate import evaluate, load_eval_items, text_perplexity
 from nanovl3.layers import drop_path_rates
-from nanovl3.losses import lm_loss, loss_positions, loss_weight_sum
+from nanovl3.losses import lm_loss, loss_weight_sum
 from nanovl3.model import InternVL, v2pe_packed_positions
 from nanovl3.training import (POSITIVE, Session, add_common_args, all_reduce_mean, data_config,
                               flops_per_tile, flops_per_token, lr_factor, make_optimizer,
@@ -241,8 +241,7 @@ def run_stage(S: Session, tok, stage: str, steps: int, stream: PackedStream, sta
             tiles += int(batch["image_flags"].sum())
             with S.no_sync(micro == args.grad_accum - 1), S.autocast():
                 logits = S.model(batch["input_ids"], batch["pixel_values"], batch["image_flags"],
-                                 batch["position_ids"], batch["doc_ids"],
-                                 logits_at=loss_positions(batch["labels"]))  # [K,V]
+                                 batch["position_ids"], batch["doc_ids"])
                 # Σw averaged over ranks (loss_reduction_all_gather): one weighted mean under DDP
                 denom = None
                 if S.ddp:

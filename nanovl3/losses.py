@@ -41,12 +41,6 @@ def _token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ce.view(B, T)[:, :-1]
 
 
-def loss_positions(labels: torch.Tensor) -> torch.Tensor:
-    """[B,T] bool: the positions whose next token is supervised, the only logits lm_loss reads
-    (the model's logits_at: SFT supervises a few answer tokens a sample; the rest are skipped)."""
-    return F.pad(labels[:, 1:] != IGNORE, (0, 1), value=False)
-
-
 def loss_weight_sum(labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """lm_loss's denominator: Σ w over supervised positions, 0-dim fp32 (a token count if no w)."""
     return _shifted(labels, weights)[1].sum()
@@ -54,19 +48,13 @@ def loss_weight_sum(labels: torch.Tensor, weights: torch.Tensor | None = None) -
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
             denom: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Next-token cross-entropy: logits [B,T,V] (or [K,V] at loss_positions(labels)), labels [B,T]
-    (IGNORE: no loss), weights [B,T]. Σ_t w_t·CE_t / Σ_t w_t, w = data.loss_weights per sample;
-    without weights the mean CE over supervised tokens. denom replaces Σ_t w_t: under DDP with
-    loss_reduction_all_gather pass the per-rank loss_weight_sum averaged over ranks, so DDP's
-    gradient averaging minimises one global Σ_all w·CE / Σ_all w. Nothing supervised gives an
-    exact 0 with a grad_fn (never NaN)."""
+    """Next-token cross-entropy: logits [B,T,V], labels [B,T] (IGNORE: no loss), weights [B,T].
+    Σ_t w_t·CE_t / Σ_t w_t, w = data.loss_weights per sample; without weights the mean CE over
+    supervised tokens. denom replaces Σ_t w_t: under DDP with loss_reduction_all_gather pass the
+    per-rank loss_weight_sum averaged over ranks, so DDP's gradient averaging minimises one global
+    Σ_all w·CE / Σ_all w. Nothing supervised gives an exact 0 with a grad_fn (never NaN)."""
     targets, w = _shifted(labels, weights)
-    if logits.dim() == 2:  # [K,V]: the supervised positions only, in row-major order
-        keep = targets != IGNORE
-        targets, w = targets[keep], w[keep]  # [K], [K]
-        ce = F.cross_entropy(logits.float(), targets, reduction="none")
-    else:
-        ce = _token_ce(logits, targets)
+    ce = _token_ce(logits, targets)
     denom = torch.as_tensor(w.sum() if denom is None else denom, dtype=torch.float, device=w.device)
     return (ce * w).sum() / denom.clamp(min=1e-12)  # nothing supervised: 0 / eps = 0, no host sync
 

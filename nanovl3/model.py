@@ -154,18 +154,15 @@ class InternVL(nn.Module):
         return x.masked_scatter(is_ctx[..., None], vit)  # row-major over (batch, position)
 
     def forward(self, input_ids, pixel_values=None, image_flags=None, position_ids=None,
-                doc_ids=None, last_only: bool = False, logits_at=None):
+                doc_ids=None, last_only: bool = False):
         """input_ids [B,T], image tokens expanded; pixel_values [N,3,S,S] or None -> logits [B,T,V].
         position_ids [B,T] (float for V2PE; default 0..T-1); doc_ids [B,T] of packed sequences
-        (attention stays within a document; -1 = padding); last_only: the last position, [B,1,V];
-        logits_at [B,T] bool: only those positions, [K,V] (training: losses.loss_positions)."""
+        (attention stays within a document; -1 = padding); last_only: the last position, [B,1,V]."""
         B, T = input_ids.shape
         x = self.embed(input_ids, pixel_values, image_flags)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         h = self.language_model(x, position_ids, causal_mask(B, T, x.device, doc_ids))
-        if logits_at is not None:
-            h = h[logits_at]  # [K,C]: SFT supervises a few tokens a sample; the rest need no logits
         return self.language_model.lm_head(h[:, -1:] if last_only else h)
 
     def step(self, x, positions, mask: Mask, cache: KVCache, slots):

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from nanovl3.chat import Tokenizer
 from nanovl3.config import preset
 from nanovl3.data import DataConfig, SampleStream, collate_packed, read_meta
-from nanovl3.losses import lm_loss, loss_positions, loss_weight_sum
+from nanovl3.losses import lm_loss, loss_weight_sum
 from nanovl3.model import InternVL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,8 +95,7 @@ def _ddp_worker(rank, port, world, result_dir):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # not AdamW: test_ddp_equals_single_process
     logits = ddp(batch["input_ids"], batch["pixel_values"], batch["image_flags"],
-                 batch["position_ids"], batch["doc_ids"],
-                 logits_at=loss_positions(batch["labels"]))  # as train.py: [K,V]
+                 batch["position_ids"], batch["doc_ids"])
     denom = all_reduce_mean(loss_weight_sum(batch["labels"], batch["loss_weight"]))  # as train.py
     loss = lm_loss(logits, batch["labels"], batch["loss_weight"], denom)
     loss.backward()
