@@ -37,7 +37,8 @@ PLAIN_ADDED = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>"
                "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
 ADDED = QWEN25 + [t for t in ADDED_TOKENS if t not in QWEN25]
 TRAIN = ["The quick brown fox jumps over the lazy dog. It's 2025; we've 3.14159 reasons.",
-         "你是书生·万象，英文名是InternVL，是由上海人工智能实验室开发的多模态大语言模型。",
+         "你是书生·万象，英文名是InternVL，"
+         "是由上海人工智能实验室开发的多模态大语言模型。",
          "def f(x):\n    return x ** 2  # squares\n\n\nprint(f(12))", "naïve café résumé 🙂👍🏽"] * 20
 CORPUS = [
     "Hello, world! I'm here; they'll see. DON'T SHOUT.",
