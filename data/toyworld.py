@@ -272,6 +272,58 @@ def render_all(root: Path, images: list):
 
 
 # -----------------------------------------------------------------------------
+# detail pictures, for experiments/ablations.py's JPEG ablation only (generate() never draws them):
+# the answer lives in faint stripes finer than JPEG's 8x8 blocks, which quality 10 wipes out and
+# the 75-100 of InternVL2.5 §4's random JPEG compression (arXiv 2412.05271) keeps
+
+STRIPE_DIRECTIONS = ["horizontal", "vertical", "diagonal"]
+# pixels per light + dark pair: 2, JPEG's finest frequency (diagonal: a checkerboard). With periods
+# 2-4 the toy model read 54% after 1000 steps at learning rate 1e-3 (measured)
+STRIPE_PERIODS = (2,)
+# ± grey levels around the patch colour: quality 40 keeps them all, quality 10 wipes the fainter
+# (measured with stripes_direction on 300 pictures: 100% at 40, 72.7% at 10, chance 33%)
+STRIPE_AMPLITUDE = (12, 28)
+STRIPES_QUESTION = "Which way do the stripes run?"
+
+
+def stripes_picture(rng, direction: str) -> tuple:
+    """A CLOSEUP canvas with a patch (1/2 to 6/7 of the side, a random mid colour) of faint stripes
+    running `direction` (diagonal: either way) -> (image, patch box (x0, y0, w, h))."""
+    bg = background(rng)
+    w, h = (rng.randint(CLOSEUP // 2, CLOSEUP * 6 // 7) for _ in range(2))
+    x0, y0 = rng.randint(4, CLOSEUP - w - 4), rng.randint(4, CLOSEUP - h - 4)
+    base = [rng.randint(70, 180) for _ in range(3)]
+    period, amp = rng.choice(STRIPE_PERIODS), rng.randint(*STRIPE_AMPLITUDE)
+    phase, slope = rng.randrange(period), rng.choice([1, -1])
+
+    # the same offset for R, G and B: luminance detail (JPEG halves the chroma resolution anyway)
+    light = [tuple(c + amp for c in base), tuple(c - amp for c in base)]
+    pair = [light[k >= period / 2] for k in range(period)]   # a light then a dark stripe
+    ax, ay = {"horizontal": (0, 1), "vertical": (1, 0), "diagonal": (1, slope)}[direction]
+    patch = Image.new("RGB", (w, h))
+    patch.putdata([pair[(ax * x + ay * y + phase) % period] for y in range(h) for x in range(w)])
+    img = Image.new("RGB", (CLOSEUP, CLOSEUP), bg)
+    img.paste(patch, (x0, y0))
+    return img, (x0, y0, w, h)
+
+
+def stripes_direction(img: Image.Image, box: tuple) -> str:
+    """A pixel check, no model: the direction along which the grey level changes least inside the
+    patch (2 px in from its edge)."""
+    x0, y0, w, h = box
+    g = img.convert("L").crop((x0 + 2, y0 + 2, x0 + w - 2, y0 + h - 2))
+    px, (cw, ch) = g.load(), g.size
+
+    def change(dx, dy):   # mean |grey(x + dx, y + dy) - grey(x, y)|
+        pairs = [(x, y) for y in range(ch - 1) for x in range(1, cw - 1)]
+        return sum(abs(px[x + dx, y + dy] - px[x, y]) for x, y in pairs) / len(pairs)
+
+    along = {"horizontal": change(1, 0), "vertical": change(0, 1),
+             "diagonal": min(change(1, 1), change(-1, 1))}
+    return min(along, key=along.get)
+
+
+# -----------------------------------------------------------------------------
 # language: phrases about scenes
 
 

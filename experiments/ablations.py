@@ -7,7 +7,7 @@ seeds, into one JSON table and one Pillow plot per claim. Run from the repositor
     python -m experiments.ablations           # the full form (toy recipe per arm, 3 seeds): a GPU
     python -m experiments.ablations --jobs 8  # the same, 8 arms at once (one toy arm idles a GPU)
     python -m experiments.ablations --only loss,jpeg --seeds 0,1,2 --out runs/abl
-    python -m experiments.ablations --only v2pe --set odd_sft=1200 --out runs/abl_long  # one count
+    python -m experiments.ablations --only v2pe --set v2pe_sft=1200 --out runs/abl_long  # one count
     python -m experiments.ablations --quick --out runs/abl_quick \\
         --publish experiments/results/ablations_quick   # + a copy of results, plots there
 
@@ -17,16 +17,20 @@ Ablations (--only picks some):
           vision side is attached and warmed up with the LLM frozen (half the steps each: the same
           tokens). Both then get the same SFT. Held-out VQA accuracy and pure-text perplexity.
   v2pe    InternVL3 Table 12, the V2PE step δ: fine-tuned from the same native checkpoint on a
-          multi-image task ("Which colour is in only one picture?" over 3-4 close-ups) with δ in
-          {1, 1/4, 1/16, 1/256} or random per image; evaluated on 4, 8 and 16 pictures, longer than
-          any training sample. Fixed-δ arms are evaluated at their δ, the random arm at each of the
+          multi-image needle in a haystack (V2PE's MM-NIAH test in small: 2-4 pictures, all
+          empty tiles but one close-up; "What colour is it?") with δ in {1, 1/4, 1/16, 1/256} or
+          random per image; evaluated on 4, 16, 32 and 64 pictures, up to 12x the positions of any
+          training sample. Fixed-δ arms are evaluated at their δ, the random arm at each of the
           four (the paper's table). The paper applies V2PE in pre-training; here δ is applied in the
           fine-tuning on the task, from the shared native checkpoint.
   loss    InternVL2.5 §4, loss averaging: SFT with token, sample and square averaging on the toy
           mix, whose answers are one word (VQA) or a 5-10 line chain of thought (arithmetic);
           accuracy on short and on long answers.
-  jpeg    InternVL2.5 §4, random JPEG compression (quality 75-100) in SFT, on and off; evaluated on
-          the held-out pictures as they are and re-encoded as JPEG at quality 40 and 10.
+  jpeg    InternVL2.5 §4, random JPEG compression (quality 75-100) in SFT, on and off: fine-tuned
+          from the same native checkpoint on a detail task the toy world's flat pictures lack
+          ("Which way do the stripes run?" over faint stripes of a 2-px period, finer than JPEG's
+          8x8 blocks); evaluated on held-out pictures as they are and re-encoded as JPEG at
+          quality 40 and 10, beside a pixel check with no model (what the pictures still show).
   mpo     MPO vs SFT only, and Best-of-N with the toy VisualPRM (experiments/reasoning.py on each
           seed's SFT checkpoint).
 Arms are cached: one whose directory holds a DONE file with the same command is not run again
@@ -53,12 +57,12 @@ from pathlib import Path
 from statistics import mean, pstdev
 
 import torch
-from PIL import Image
+from PIL import ImageChops, ImageStat
 
 from data import toyworld
 from experiments import plot
 from nanovl3.chat import Tokenizer
-from nanovl3.common import UserError, atomic_path, read_jsonl, user_errors, write_json, write_jsonl
+from nanovl3.common import UserError, atomic_path, user_errors, write_json, write_jsonl
 from nanovl3.evaluate import evaluate, load_eval_items, text_perplexity
 from nanovl3.image import jpeg_roundtrip
 from nanovl3.model import InternVL
@@ -68,25 +72,36 @@ ROOT = Path(__file__).resolve().parent.parent   # the repository root: where the
 ABLATIONS = ["native", "v2pe", "loss", "jpeg", "mpo"]
 # steps of each kind of run; eval questions per type; seeds; experiments/reasoning.py sizes
 SIZES = {
-    "smoke": dict(pretrain=2, sft=2, odd_sft=2, odd_train=20, eval_per_type=2, odd_eval=2,
-                  seeds="0,1",
+    "smoke": dict(pretrain=2, sft=2, v2pe_sft=2, v2pe_train=20, eval_per_type=2, v2pe_eval=2,
+                  seeds="0,1", jpeg_sft=2, jpeg_train=12, jpeg_eval=6,
                   reasoning=["--n-train", "4", "--n-eval", "3", "--rollouts", "2",
                              "--mpo-steps", "2", "--prm-steps", "2", "--mc", "1",
                              "--max-new-tokens", "12", "--reference-chosen"]),
-    "quick": dict(pretrain=120, sft=300, odd_sft=150, odd_train=3000, eval_per_type=40,
-                  odd_eval=40, seeds="0,1",
+    "quick": dict(pretrain=120, sft=300, v2pe_sft=150, v2pe_train=3000, eval_per_type=40,
+                  v2pe_eval=10, seeds="0,1", jpeg_sft=100, jpeg_train=2000, jpeg_eval=150,
                   reasoning=["--n-train", "100", "--n-eval", "80", "--mpo-steps", "40",
                              "--prm-steps", "80", "--mc", "2"]),
-    "full": dict(pretrain=250, sft=2300, odd_sft=600, odd_train=6000, eval_per_type=100,
-                 odd_eval=100, seeds="0,1,2", reasoning=[]),
+    "full": dict(pretrain=250, sft=2300, v2pe_sft=250, v2pe_train=6000, eval_per_type=100,
+                 v2pe_eval=50, seeds="0,1,2", jpeg_sft=600, jpeg_train=6000, jpeg_eval=300,
+                 reasoning=[]),
 }
 V2PE_ARMS = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/256": 1 / 256, "random": None}
 # the arms with a fixed δ; the random arm is evaluated at each of these δ
 FIXED_DELTAS = {k: d for k, d in V2PE_ARMS.items() if d is not None}
-ODD_IMAGES = (4, 8, 16)      # pictures per evaluation question (training uses 3-4)
-ODD_QUESTION = "Which colour is in only one picture?"
+# the V2PE task, a multimodal needle in a haystack (as MM-NIAH in V2PE, arXiv 2412.09616): empty
+# tiles and one close-up; trained on NEEDLE_TRAIN pictures, evaluated on NEEDLE_IMAGES
+NEEDLE_TRAIN = (2, 4)            # pictures per training question (inclusive range)
+# pictures per evaluation question: the training length and 4-16x it. The last position of a
+# 4-picture question is 134 at δ = 1 (74 at δ <= 1/16: each picture's tag text still counts);
+# of 64 pictures 1,622 (662); pre-training documents stay under ~240 tokens
+NEEDLE_IMAGES = (4, 16, 32, 64)
+NEEDLE_QUESTION = "One picture shows a shape. What colour is it?"
 # the degraded held-out pictures: harsher than the 75-100 seen in training
 JPEG_QUALITIES = (40, 10)
+# the JPEG task's ViT learning rate: it needs new filters for 2-px stripes (the native checkpoint's
+# ViT reads flat colours). Measured, seed 0: 2-4 px stripes at 1e-3 were at chance for 700 steps;
+# 2-px ones at 3e-3 read 100% from step 300
+JPEG_LR_VIT = 3e-3
 SHORT_TYPES = ["color", "shape", "count", "count_color", "position"]   # one-word answers
 LONG_TYPES = ["arith"]   # chain of thought, "The answer is X."
 
@@ -95,71 +110,108 @@ LONG_TYPES = ["arith"]   # chain of thought, "The answer is X."
 # data the ablations add to the toy world
 
 
-def make_odd_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
-    """The long multi-image task: "Which colour is in only one picture?" over n close-ups (one big
-    shape on one toy tile, as in the colour questions of the toy world), all of one colour but one.
-    It needs only colour (which the toy model reads best) and a look at every picture. Training
-    questions have 3-4 pictures, evaluation ones ODD_IMAGES. A pool of 20 pictures per (colour,
-    shape) is rendered once and drawn from."""
-    params = {"n_train": n_train, "n_eval": n_eval, "pictures": "closeup"}
+def make_needle_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
+    """The long multi-image task, a needle in a haystack of pictures: n toy tiles, all empty but
+    one, which holds a close-up (one big shape, as in the toy world's colour questions); the
+    question asks its colour. Training questions have NEEDLE_TRAIN pictures, evaluation ones
+    NEEDLE_IMAGES, so the answer must be found at distances no training sample had. Training and
+    evaluation draw from separate pools of pictures (15 and 5 per (colour, shape), 45 and 15
+    empty tiles), rendered once."""
+    params = {"n_train": n_train, "n_eval": n_eval, "pictures": "needle",
+              "train": list(NEEDLE_TRAIN), "eval": list(NEEDLE_IMAGES)}   # as DONE's JSON reads
     if toyworld.read_done(root) == params:
         return
-    rng = random.Random(f"ablations/odd/{seed}")
-    pool, items = {}, []   # colour -> [relative path]; [(relative path, Scene)]
+    rng = random.Random(f"ablations/needle/{seed}")
+    # split -> colour -> [relative path] ("" -> the empty tiles); [(relative path, Scene)]
+    pool, items = {"train": {}, "eval": {}}, []
+    for k in range(60):
+        rel = f"images/empty_{k:02d}.png"
+        items.append((rel, toyworld.Scene(toyworld.CLOSEUP, toyworld.CLOSEUP,
+                                          toyworld.background(rng), ())))
+        pool["train" if k < 45 else "eval"].setdefault("", []).append(rel)
     for colour in toyworld.COLOURS:
         for shape in toyworld.SHAPES:
             for k in range(20):
                 rel = f"images/{colour}_{shape}_{k:02d}.png"
                 items.append((rel, toyworld.closeup_scene(rng, colour, shape)))
-                pool.setdefault(colour, []).append(rel)
+                pool["train" if k < 15 else "eval"].setdefault(colour, []).append(rel)
     toyworld.render_all(root, items)
 
-    def question(n):
-        common, odd = rng.sample(list(toyworld.COLOURS), 2)
-        paths = [rng.choice(pool[common]) for _ in range(n - 1)]
-        paths.insert(rng.randrange(n), rng.choice(pool[odd]))
-        return paths, toyworld.image_tags(n) + ODD_QUESTION, odd
+    def question(n, split):
+        colour = rng.choice(list(toyworld.COLOURS))
+        paths = [rng.choice(pool[split][""]) for _ in range(n - 1)]
+        paths.insert(rng.randrange(n), rng.choice(pool[split][colour]))
+        return paths, toyworld.image_tags(n) + NEEDLE_QUESTION, colour
 
     train = []
     for i in range(n_train):
-        paths, q, a = question(rng.randint(3, 4))
+        paths, q, a = question(rng.randint(*NEEDLE_TRAIN), "train")
         conv = [{"from": "human", "value": q}, {"from": "gpt", "value": a.capitalize() + "."}]
         train.append({"id": i, "image": paths, "conversations": conv})
-    evals = [{"image": paths, "question": q, "answer": a, "type": f"odd_{n}", "cot": False}
-             for n in ODD_IMAGES for paths, q, a in (question(n) for _ in range(n_eval))]
+    evals = [{"image": paths, "question": q, "answer": a, "type": f"needle_{n}", "cot": False}
+             for n in NEEDLE_IMAGES
+             for paths, q, a in (question(n, "eval") for _ in range(n_eval))]
     write_jsonl(root / "train.jsonl", train)
     write_jsonl(root / "eval.jsonl", evals)
-    write_json(root / "meta.json", {"toy_odd": {
+    write_json(root / "meta.json", {"toy_needle": {
         "root": ".", "annotation": "train.jsonl", "repeat_time": 1, "data_augment": False,
         "max_dynamic_patch": 1, "length": len(train)}})
     write_json(root / "DONE", params)
 
 
-def make_nojpeg_meta(world: Path, out: Path) -> Path:
-    """The toy SFT meta.json with data_augment off everywhere (absolute roots: it can be moved)."""
-    src = world / "sft" / "meta.json"
-    meta = json.loads(src.read_text())
-    for d in meta.values():
-        d["root"] = str((src.parent / d.get("root", "")).resolve())
-        d["annotation"] = str((src.parent / d["annotation"]).resolve())
-        d["data_augment"] = False
-    write_json(out / "meta.json", meta)
-    return out / "meta.json"
-
-
-def make_jpeg_eval(world: Path, out: Path, quality: int) -> Path:
-    """The held-out questions, each picture re-encoded as JPEG at `quality` (saved as PNG)."""
-    if (out / "eval.jsonl").is_file():
-        return out / "eval.jsonl"
-    src = world / "eval"
-    rows = [r for _, r in read_jsonl(str(src / "eval.jsonl"))]
-    for path in sorted({p for r in rows for p in ([r["image"]] if isinstance(r.get("image"), str)
-                                                    else r.get("image") or [])}):
-        dst = out / path
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        jpeg_roundtrip(Image.open(src / path), quality).save(dst)
-    write_jsonl(out / "eval.jsonl", rows)
-    return out / "eval.jsonl"
+def make_detail_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
+    """The JPEG ablation's task: "Which way do the stripes run?" (horizontal, vertical, diagonal) on
+    one close-up whose answer lives in faint stripes finer than JPEG's 8x8 blocks
+    (toyworld.stripes_picture). meta_aug.json and meta_noaug.json train on the same questions with
+    random JPEG compression on and off; eval.jsonl holds n_eval held-out questions, jpeg_q<Q>/ the
+    same re-encoded at each of JPEG_QUALITIES, and pixel_check.json, for each, what a check with no
+    model (toyworld.stripes_direction) reads and the mean |pixel change| (0-255)."""
+    params = {"n_train": n_train, "n_eval": n_eval, "qualities": list(JPEG_QUALITIES),
+              "pictures": "stripes", "periods": list(toyworld.STRIPE_PERIODS),
+              "amplitude": list(toyworld.STRIPE_AMPLITUDE)}
+    if toyworld.read_done(root) == params:
+        return
+    rng = random.Random(f"ablations/stripes/{seed}")
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    pictures = []   # (relative path, direction, image, patch box)
+    for i in range(n_train + n_eval):
+        direction = toyworld.STRIPE_DIRECTIONS[i % len(toyworld.STRIPE_DIRECTIONS)]
+        img, box = toyworld.stripes_picture(rng, direction)
+        rel = f"images/{i:05d}.png"
+        img.save(root / rel, format="PNG", compress_level=1)
+        pictures.append((rel, direction, img, box))
+    train = pictures[:n_train]
+    rng.shuffle(train)
+    q = toyworld.image_tags(1) + toyworld.STRIPES_QUESTION
+    write_jsonl(root / "train.jsonl", [
+        {"id": i, "image": rel, "conversations": [{"from": "human", "value": q},
+                                                   {"from": "gpt", "value": d.capitalize() + "."}]}
+        for i, (rel, d, _, _) in enumerate(train)])
+    for augment in (True, False):
+        write_json(root / f"meta_{'aug' if augment else 'noaug'}.json", {"toy_stripes": {
+            "root": ".", "annotation": "train.jsonl", "repeat_time": 1, "data_augment": augment,
+            "max_dynamic_patch": 1, "length": n_train}})
+    held_out = pictures[n_train:]
+    rows = [{"id": i, "image": rel, "question": q, "answer": d, "type": "stripes", "cot": False}
+            for i, (rel, d, _, _) in enumerate(held_out)]
+    write_jsonl(root / "eval.jsonl", rows)
+    check = {}
+    for quality in (None, *JPEG_QUALITIES):
+        name = "clean" if quality is None else f"jpeg_q{quality}"
+        read, change = 0, 0.0
+        for rel, d, img, box in held_out:
+            out = img if quality is None else jpeg_roundtrip(img, quality)
+            read += toyworld.stripes_direction(out, box) == d
+            change += mean(ImageStat.Stat(ImageChops.difference(out, img)).mean)
+            if quality is not None:   # saved as PNG: the damage is JPEG's, once
+                (root / name / rel).parent.mkdir(parents=True, exist_ok=True)
+                out.save(root / name / rel, format="PNG", compress_level=1)
+        if quality is not None:
+            write_jsonl(root / name / "eval.jsonl", rows)
+        check[name] = {"pixel_check": read / len(held_out),
+                       "pixel_change": change / len(held_out)}
+    write_json(root / "pixel_check.json", check)
+    write_json(root / "DONE", params)
 
 
 # -----------------------------------------------------------------------------
@@ -330,7 +382,8 @@ def summarise(per_seed: dict) -> dict:
 # the ablations: each measures one seed -> {arm: {metric: value}}; main runs the seeds (at once
 # with --jobs) and summarises them. NOTES: what results.json keeps beside an ablation's arms.
 
-NOTES = {"v2pe": {"chance": 1 / len(toyworld.COLOURS)},
+NOTES = {"v2pe": {"chance": 1 / len(toyworld.COLOURS), "train_pictures": list(NEEDLE_TRAIN)},
+         "jpeg": {"chance": 1 / len(toyworld.STRIPE_DIRECTIONS)},
          "loss": {"short_types": SHORT_TYPES, "long_types": LONG_TYPES}}
 
 
@@ -347,21 +400,21 @@ def ablation_native(R: Runner, seed, world: Path, device):
 
 
 def ablation_v2pe(R: Runner, seed, world: Path, device):
-    odd = R.out / "data" / "odd"
+    data = R.out / "data" / "needle"
     with IN_PROCESS:
-        make_odd_data(odd, n_train=R.size["odd_train"], n_eval=R.size["odd_eval"])
+        make_needle_data(data, n_train=R.size["v2pe_train"], n_eval=R.size["v2pe_eval"])
     pt, rows = R.pt_native(seed), {}
     for name, delta in V2PE_ARMS.items():
         flags = ["--v2pe"] if delta is None else ["--v2pe-delta", delta]
         arm = R.train(f"v2pe_{name.replace('/', '_')}", seed, "--stage", "sft", "--sft-steps",
-                      R.size["odd_sft"], "--init-from", pt / "ckpt", "--sft-meta",
-                      odd / "meta.json", *flags)
+                      R.size["v2pe_sft"], "--init-from", pt / "ckpt", "--sft-meta",
+                      data / "meta.json", *flags)
         evals = [(name, delta)] if delta is not None else FIXED_DELTAS.items()
         for eval_name, eval_delta in evals:
-            acc = accuracy(arm, f"odd_{eval_name.replace('/', '_')}", odd / "eval.jsonl", -1,
-                           device, v2pe_delta=eval_delta)
-            rows[f"train {name}, eval {eval_name}"] = {f"images_{n}": acc[f"odd_{n}"]
-                                                       for n in ODD_IMAGES}
+            acc = accuracy(arm, f"needle_{eval_name.replace('/', '_')}", data / "eval.jsonl",
+                           -1, device, v2pe_delta=eval_delta)
+            rows[f"train {name}, eval {eval_name}"] = {f"images_{n}": acc[f"needle_{n}"]
+                                                       for n in NEEDLE_IMAGES}
     return rows
 
 
@@ -377,19 +430,23 @@ def ablation_loss(R: Runner, seed, world: Path, device):
 
 
 def ablation_jpeg(R: Runner, seed, world: Path, device):
+    data = R.out / "data" / "stripes"
     with IN_PROCESS:
-        nojpeg = make_nojpeg_meta(world, R.out / "data" / "nojpeg")
-        degraded = {q: make_jpeg_eval(world, R.out / "data" / f"eval_jpeg{q}", q)
-                    for q in JPEG_QUALITIES}
-    rows = {}
-    for name in ("JPEG augmentation", "no augmentation"):
-        arm = R.sft_native(seed) if name == "JPEG augmentation" else \
-            R.sft("sft_nojpeg", seed, R.pt_native(seed), "--sft-meta", nojpeg)
-        per_type = R.size["eval_per_type"]
-        m = {"clean": accuracy(arm, "toy", world / "eval" / "eval.jsonl", per_type, device)}
-        m |= {f"jpeg_q{q}": accuracy(arm, f"jpeg{q}", f, per_type, device)
-              for q, f in degraded.items()}
-        rows[name] = {k: mean(list(acc.values())) for k, acc in m.items()}
+        make_detail_data(data, n_train=R.size["jpeg_train"], n_eval=R.size["jpeg_eval"])
+    evals = {"clean": data / "eval.jsonl",
+             **{f"jpeg_q{q}": data / f"jpeg_q{q}" / "eval.jsonl" for q in JPEG_QUALITIES}}
+    pt, rows = R.pt_native(seed), {}
+    for name, which in (("JPEG augmentation", "aug"), ("no augmentation", "noaug")):
+        arm = R.train(f"jpeg_{which}", seed, "--stage", "sft", "--sft-steps", R.size["jpeg_sft"],
+                      "--init-from", pt / "ckpt", "--sft-meta", data / f"meta_{which}.json",
+                      "--lr-vit", JPEG_LR_VIT)
+        rows[name] = {k: accuracy(arm, f"stripes_{k}", f, -1, device)["stripes"]
+                      for k, f in evals.items()}
+    # what is left in the pixels, the same for every seed; pixel_change_*: mean |change| (0-255)
+    check = json.loads((data / "pixel_check.json").read_text())
+    rows["pixel check (no model)"] = {**{k: c["pixel_check"] for k, c in check.items()},
+                                      **{f"pixel_change_{k}": c["pixel_change"]
+                                         for k, c in check.items()}}
     return rows
 
 
@@ -427,18 +484,19 @@ def draw(name: str, res: dict, out: Path, n_seeds: int):
         plot.bar_chart(path, "Native vs post-hoc pre-training: held-out accuracy" + sub, groups,
                        list(arms), vals, errs, ylabel="accuracy (%)", ymax=100)
     elif name == "v2pe":
-        series = {a: [pct(r[f"images_{n}"])[0] for n in ODD_IMAGES] for a, r in arms.items()}
-        errors = {a: [pct(r[f"images_{n}"])[1] for n in ODD_IMAGES] for a, r in arms.items()}
-        plot.line_chart(path, "V2PE delta: 'which colour is in only one picture?'" + sub,
-                        list(ODD_IMAGES), series, errors,
-                        xlabel="pictures per question (training: 3-4)", ylabel="accuracy (%)",
-                        ymin=0, ymax=100)
+        ns = [int(k.split("_")[1]) for k in next(iter(arms.values()))]   # images_<n>
+        series = {a: [pct(r[f"images_{n}"])[0] for n in ns] for a, r in arms.items()}
+        errors = {a: [pct(r[f"images_{n}"])[1] for n in ns] for a, r in arms.items()}
+        plot.line_chart(path, "V2PE delta: one shape among empty pictures, its colour" + sub,
+                        ns, series, errors,
+                        xlabel="pictures per question (training: {}-{})".format(*NEEDLE_TRAIN),
+                        ylabel="accuracy (%)", ymin=0, ymax=100)
     elif name in ("loss", "jpeg"):
         groups = list(next(iter(arms.values())))
         vals = [[pct(arms[a][g])[0] for a in arms] for g in groups]
         errs = [[pct(arms[a][g])[1] for a in arms] for g in groups]
         title = {"loss": "SFT loss averaging: accuracy by answer length",
-                 "jpeg": "JPEG augmentation: accuracy on clean and JPEG-compressed pictures"}[name]
+                 "jpeg": "JPEG augmentation: stripe direction, clean and JPEG-compressed"}[name]
         labels = [g.replace("_", " ") for g in groups]
         plot.bar_chart(path, title + sub, labels, list(arms), vals, errs, ylabel="accuracy (%)",
                        ymax=100)
@@ -471,7 +529,7 @@ def main():
                         help="comma list of ablations to run")
     parser.add_argument("--seeds", default="", help="comma list of seeds (default: the size's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=N",
-                        help="change one step or question count of the size, e.g. odd_sft=1200 "
+                        help="change one step or question count of the size, e.g. v2pe_sft=1200 "
                              "(repeatable; arms are cached by command: use a new --out where a "
                              "count changes the generated data)")
     parser.add_argument("--preset", default="toy",
@@ -597,6 +655,13 @@ def report(out: Path, publish: Path | None):
 MPO_CRITICS = {"prm": "PRM mean", "vote": "PRM-weighted vote"}
 
 
+def jpeg_change(metrics) -> dict:
+    """Accuracy at the harshest JPEG quality minus on clean pictures, per seed: robustness apart
+    from how well an arm learnt the task at all."""
+    q, clean = metrics[f"jpeg_q{JPEG_QUALITIES[-1]}"]["seeds"], metrics["clean"]["seeds"]
+    return summarise({"change": [a - b for a, b in zip(q, clean, strict=True)]})["change"]
+
+
 # what each paper reports, and the toy comparison that would agree with it: (toy value, toy
 # baseline) pairs whose difference should be > 0; "within noise" when it is smaller than its spread
 # over seeds or than NOISE_FLOOR
@@ -606,22 +671,29 @@ CLAIMS = {
                lambda a: [("native − post-hoc, held-out accuracy", a["native"]["vqa_accuracy"],
                            a["post-hoc"]["vqa_accuracy"], "comparable")]),
     "v2pe": ("InternVL3 Table 12 (random δ in training, δ at inference): none 75.2, 1/256 75.0, "
-             "1/16 75.6, 1/4 75.9, 1 75.7: small steps help, 1/4 best",
-             lambda a: [(f"random@{d} − no V2PE, {ODD_IMAGES[-1]} pictures",
-                         a[f"train random, eval {d}"][f"images_{ODD_IMAGES[-1]}"],
-                         a["train 1, eval 1"][f"images_{ODD_IMAGES[-1]}"], "higher")
-                        for d in ("1/4", "1/16")]),
+             "1/16 75.6, 1/4 75.9, 1 75.7: small steps help, 1/4 best; V2PE (arXiv 2412.09616): "
+             "a small δ keeps a long input's positions near the trained range",
+             lambda a: [*[(f"random@{d} − no V2PE, {NEEDLE_IMAGES[-1]} pictures",
+                           a[f"train random, eval {d}"][f"images_{NEEDLE_IMAGES[-1]}"],
+                           a["train 1, eval 1"][f"images_{NEEDLE_IMAGES[-1]}"], "higher")
+                          for d in ("1/4", "1/16")],
+                        (f"δ 1/16 − 1 (fixed), {NEEDLE_IMAGES[-1]} pictures",
+                         a["train 1/16, eval 1/16"][f"images_{NEEDLE_IMAGES[-1]}"],
+                         a["train 1, eval 1"][f"images_{NEEDLE_IMAGES[-1]}"], "higher")]),
     "loss": ("InternVL2.5 §4: token averaging favours long answers, sample averaging short ones; "
              "square is the compromise",
              lambda a: [("token − sample, long answers", a["token"]["long_answers"],
                          a["sample"]["long_answers"], "higher"),
                         ("sample − token, short answers", a["sample"]["short_answers"],
                          a["token"]["short_answers"], "higher")]),
-    "jpeg": ("InternVL2.5 §4: random JPEG compression makes the model robust to compressed "
-             "pictures",
-             lambda a: [(f"with − without, JPEG q={q} pictures",
-                         a["JPEG augmentation"][f"jpeg_q{q}"], a["no augmentation"][f"jpeg_q{q}"],
-                         "higher") for q in JPEG_QUALITIES]),
+    "jpeg": ("InternVL2.5 §4: random JPEG compression (quality 75-100) in SFT makes the model "
+             "robust to compressed pictures",
+             lambda a: [*[(f"with − without, fine stripes at JPEG q={q}",
+                           a["JPEG augmentation"][f"jpeg_q{q}"],
+                           a["no augmentation"][f"jpeg_q{q}"], "higher") for q in JPEG_QUALITIES],
+                        (f"with − without, change from clean to q={JPEG_QUALITIES[-1]}",
+                         jpeg_change(a["JPEG augmentation"]), jpeg_change(a["no augmentation"]),
+                         "higher")]),
     "mpo": ("InternVL3 §2.4: MPO beats SFT on reasoning; Best-of-N with VisualPRM rises with N and "
             "beats self-consistency",
             lambda a: [("MPO − SFT, greedy", a["reasoning"]["greedy_mpo"],

@@ -47,6 +47,9 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
     assert set(res["ablations"]["native"]["arms"]) == {"native", "post-hoc"}
     assert set(res["ablations"]["loss"]["arms"]) == {"token", "sample", "square"}
     assert {"train 1, eval 1", "train random, eval 1/256"} <= set(res["ablations"]["v2pe"]["arms"])
+    jpeg = res["ablations"]["jpeg"]["arms"]
+    assert set(jpeg) == {"JPEG augmentation", "no augmentation", "pixel check (no model)"}
+    assert jpeg["pixel check (no model)"]["clean"]["seeds"] == [1.0, 1.0]   # no model: no seed
     table = (tmp_path / "pub" / "results.md").read_text()
     for name in res["ablations"]:   # every ablation has a row with a computed verdict
         rows = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
@@ -58,8 +61,8 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
     started = [line.split("]")[0] for line in r.stdout.splitlines()
                if "] " in line and " --" in line]
     twice = sorted({a for a in started if started.count(a) > 1})
-    # 13 train.py arms + reasoning, per seed
-    assert len(started) == len(set(started)) == 2 * 14, (twice, r.stdout)
+    # 14 train.py arms (the JPEG ablation's two on its own task) + reasoning, per seed
+    assert len(started) == len(set(started)) == 2 * 15, (twice, r.stdout)
     # the arms are cached: a second run, one at a time, trains nothing and gives the same table
     r2 = subprocess.run(cmd[:-2] + ["--only", "loss"], capture_output=True, text=True, cwd=ROOT)
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -108,7 +111,7 @@ def test_a_failed_arm_is_a_clear_error(small_world, tmp_path):
 @pytest.mark.slow
 def test_bad_arguments_are_one_line_errors(tmp_path):
     for flags, needle in ((["--only", "nope"], "--only"), (["--seeds", "a,b"], "--seeds"),
-                          (["--jobs", "0"], "--jobs"), (["--set", "odd_sft=many"], "--set"),
+                          (["--jobs", "0"], "--jobs"), (["--set", "v2pe_sft=many"], "--set"),
                           (["--set", "seeds=3"], "--set")):
         r = subprocess.run(ABLATIONS + ["--out", str(tmp_path), *flags], capture_output=True,
                            text=True, cwd=ROOT)
@@ -132,3 +135,69 @@ def test_verdict_pairs_the_seeds():
     assert A.verdict(cell(0.51, 0.61), cell(0.50, 0.60), "higher") == "within noise"
     assert A.verdict(cell(0.49, 0.59), cell(0.50, 0.60), "comparable") == "yes"
     assert A.verdict(cell(0.40, 0.50), cell(0.50, 0.60), "comparable") == "no"
+
+
+def test_needle_data_has_one_shape_per_question(tmp_path):
+    """The V2PE task: every question holds exactly one close-up among empty tiles, its answer is
+    that close-up's colour, training lengths stay in NEEDLE_TRAIN, evaluation has n_eval questions
+    per NEEDLE_IMAGES count, and the two draw on disjoint pictures."""
+    A.make_needle_data(tmp_path, n_train=60, n_eval=3)
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    lo, hi = A.NEEDLE_TRAIN
+    assert len(train) == 60 and {len(r["image"]) for r in train} == set(range(lo, hi + 1))
+    assert [len(r["image"]) for r in evals] == [n for n in A.NEEDLE_IMAGES for _ in range(3)]
+    assert all(r["type"] == f"needle_{len(r['image'])}" for r in evals)
+    pairs = [(r["image"], r["conversations"][1]["value"].rstrip(".").lower()) for r in train] \
+        + [(r["image"], r["answer"]) for r in evals]
+    for paths, answer in pairs:
+        shapes = [p for p in paths if not p.startswith("images/empty_")]
+        assert len(shapes) == 1 and shapes[0].startswith(f"images/{answer}_"), (paths, answer)
+        assert (tmp_path / shapes[0]).is_file()
+    assert not {p for r in train for p in r["image"]} & {p for r in evals for p in r["image"]}
+    assert len({r["image"].index(s) for r in evals for s in r["image"]
+                if not s.startswith("images/empty_")}) > 3   # the needle moves
+
+
+def test_jpeg_detail_data_trains_with_and_without_augmentation(tmp_path):
+    """The JPEG task: both metas train on the same questions, augmentation on and off; the held-out
+    questions exist clean and at each JPEG quality, with the same answers, and the pixel check
+    reads every clean picture."""
+    A.make_detail_data(tmp_path, n_train=9, n_eval=6)
+    meta = {w: json.loads((tmp_path / f"meta_{w}.json").read_text())["toy_stripes"]
+            for w in ("aug", "noaug")}
+    assert meta["aug"]["data_augment"] and not meta["noaug"]["data_augment"]
+    assert meta["aug"]["annotation"] == meta["noaug"]["annotation"] == "train.jsonl"
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 9 and {r["conversations"][1]["value"] for r in train} == {
+        "Horizontal.", "Vertical.", "Diagonal."}
+    clean = (tmp_path / "eval.jsonl").read_text()
+    assert sorted(json.loads(line)["answer"] for line in clean.splitlines()) == \
+        ["diagonal", "diagonal", "horizontal", "horizontal", "vertical", "vertical"]
+    for q in A.JPEG_QUALITIES:
+        d = tmp_path / f"jpeg_q{q}"
+        assert (d / "eval.jsonl").read_text() == clean
+        rows = [json.loads(line) for line in clean.splitlines()]
+        assert all((d / r["image"]).is_file() and (d / r["image"]).read_bytes() !=
+                   (tmp_path / r["image"]).read_bytes() for r in rows)
+    check = json.loads((tmp_path / "pixel_check.json").read_text())
+    assert list(check) == ["clean"] + [f"jpeg_q{q}" for q in A.JPEG_QUALITIES]
+    assert check["clean"] == {"pixel_check": 1.0, "pixel_change": 0.0}
+    assert 0 < check["jpeg_q40"]["pixel_change"] < check["jpeg_q10"]["pixel_change"]
+
+
+def test_jpeg_rows_judge_accuracy_and_its_change_from_clean():
+    """The JPEG claim's rows: accuracy at each quality, with − without, and the change from clean
+    to the harshest quality, which does not reward an arm for having learnt the task better."""
+    def cell(*seeds):
+        return A.summarise({"x": list(seeds)})["x"]
+    arms = {"JPEG augmentation": {"clean": cell(0.9, 0.8), "jpeg_q40": cell(0.9, 0.8),
+                                  "jpeg_q10": cell(0.8, 0.7)},
+            "no augmentation": {"clean": cell(1.0, 1.0), "jpeg_q40": cell(0.9, 0.8),
+                                "jpeg_q10": cell(0.7, 0.6)}}
+    rows = A.CLAIMS["jpeg"][1](arms)
+    assert [r[0] for r in rows] == ["with − without, fine stripes at JPEG q=40",
+                                    "with − without, fine stripes at JPEG q=10",
+                                    "with − without, change from clean to q=10"]
+    assert [A.verdict(*r[1:]) for r in rows] == ["within noise", "yes", "yes"]
+    assert A.paired(rows[2][1], rows[2][2])[0] == pytest.approx(0.25)   # −0.1 vs −0.3, −0.4

@@ -308,3 +308,21 @@ def test_render_centre_has_object_colour(shape):
     assert img.size == (scene.width, scene.height)
     assert img.getpixel((round(o.cx), round(o.cy + o.size / 8))) == o.rgb
     assert img.getpixel((0, 0)) == scene.background
+
+
+def test_stripes_are_fine_detail_that_jpeg_10_wipes_out():
+    """The JPEG ablation's pictures (experiments/ablations.py): the pixel check reads every clean,
+    quality-75 and quality-40 one, and loses one in six or more at quality 10."""
+    from nanovl3.image import jpeg_roundtrip
+    rng = random.Random(0)
+    read = {None: 0, 75: 0, 40: 0, 10: 0}
+    for i in range(60):
+        direction = tw.STRIPE_DIRECTIONS[i % 3]
+        img, (x0, y0, w, h) = tw.stripes_picture(rng, direction)
+        assert img.size == (tw.CLOSEUP, tw.CLOSEUP) and img.getpixel((1, 1)) != img.getpixel(
+            (x0 + w // 2, y0 + h // 2))
+        for q in read:
+            out = img if q is None else jpeg_roundtrip(img, q)
+            read[q] += tw.stripes_direction(out, (x0, y0, w, h)) == direction
+    assert read[None] == read[75] == read[40] == 60
+    assert read[10] <= 50
