@@ -89,7 +89,7 @@ add("--eval-interval", type=int, default=-1,
     help="steps between evaluations, and at the end of each stage (-1 = only the final one)")
 # --quick: a small world of its own, a few hundred steps, a small evaluation: the whole pipeline in
 # under a minute. That teaches one skill, colour, so its SFT data is colour close-ups only (held-out
-# colour 65-100% over three seeds against 17% chance, n = 20); the other types need the full run
+# colour 55-90% over three seeds against 17% chance, n = 20); the other types need the full run
 QUICK = dict(data_dir="data/toy-quick", out_dir="runs/quick", pretrain_steps=20, sft_steps=200,
              max_packed_tokens=1024, lr_mlp=3e-3, lr_llm=3e-3, eval_per_type=20, log_interval=50)
 FULL_RECIPE = ("the full recipe: python train.py, 10-14 minutes on 2 CPU cores (colour and shape "

@@ -96,7 +96,7 @@ SIZES = {  # --size presets for the CLI; generate() defaults are "full"
     # train.py --quick: a few hundred steps teach one skill, colour, if the SFT data asks only it
     # (held-out colour over three seeds, n = 20: with a sixth of the close-ups asking it, as in the
     # full world, every answer is the same; with all close-ups, beside the scenes' questions, 50-80%
-    # in 380 steps; with the close-ups alone 65-100% in 200)
+    # in 380 steps; with the close-ups alone 55-90% in 200)
     "quick": dict(n_sft=0, n_closeup=2400, n_pretrain=100, n_eval=20, colour_share=1.0),
     "full": dict(n_sft=4000, n_closeup=12000, n_pretrain=1500, n_text=2000, n_eval=100),
 }

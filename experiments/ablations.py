@@ -62,7 +62,8 @@ from PIL import ImageChops, ImageStat
 from data import toyworld
 from experiments import plot
 from nanovl3.chat import Tokenizer
-from nanovl3.common import UserError, atomic_path, user_errors, write_json, write_jsonl
+from nanovl3.common import (UserError, atomic_path, read_json, user_errors, write_json,
+                            write_jsonl)
 from nanovl3.evaluate import evaluate, load_eval_items, text_perplexity
 from nanovl3.image import jpeg_roundtrip
 from nanovl3.model import InternVL
@@ -443,7 +444,7 @@ def ablation_jpeg(R: Runner, seed, world: Path, device):
         rows[name] = {k: accuracy(arm, f"stripes_{k}", f, -1, device)["stripes"]
                       for k, f in evals.items()}
     # what is left in the pixels, the same for every seed; pixel_change_*: mean |change| (0-255)
-    check = json.loads((data / "pixel_check.json").read_text())
+    check = read_json(data / "pixel_check.json")
     rows["pixel check (no model)"] = {**{k: c["pixel_check"] for k, c in check.items()},
                                       **{f"pixel_change_{k}": c["pixel_change"]
                                          for k, c in check.items()}}
