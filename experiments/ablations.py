@@ -82,7 +82,7 @@ SIZES = {
                   v2pe_eval=10, seeds="0,1", jpeg_sft=100, jpeg_train=2000, jpeg_eval=150,
                   reasoning=["--n-train", "100", "--n-eval", "80", "--mpo-steps", "40",
                              "--prm-steps", "80", "--mc", "2"]),
-    "full": dict(pretrain=250, sft=2300, v2pe_sft=250, v2pe_train=6000, eval_per_type=100,
+    "full": dict(pretrain=250, sft=2300, v2pe_sft=400, v2pe_train=6000, eval_per_type=100,
                  v2pe_eval=50, seeds="0,1,2", jpeg_sft=600, jpeg_train=6000, jpeg_eval=300,
                  reasoning=[]),
 }
