@@ -720,12 +720,31 @@ def paired(cell, base) -> tuple[float, float]:
 NOISE_FLOOR = 0.02
 
 
-def verdict(cell, base, want: str) -> str:
+# a difference within noise says the claim fails only where every arm learnt the task: (metric,
+# least accuracy on every seed) of the ablations that can check it; the training length for V2PE
+LEARNT = {"v2pe": (f"images_{NEEDLE_TRAIN[-1]}", 0.95), "jpeg": ("clean", 0.95)}
+
+
+def unlearnt(name: str, arms: dict) -> list[str]:
+    """The arms of ablation `name` (and seeds) below LEARNT's accuracy: ["arm s1 84%", ...]."""
+    if name not in LEARNT:
+        return []
+    metric, least = LEARNT[name]
+    return [f"{arm} s{i} {100 * v:.0f}%" for arm, m in arms.items() if metric in m
+            for i, v in enumerate(m[metric]["seeds"]) if v < least]
+
+
+def verdict(cell, base, want: str, learnt: bool | None = None) -> str:
+    """yes / no, or within noise; learnt (every arm learnt the task: LEARNT) turns within noise
+    into "no (within noise)", the claim's effect absent, and not learnt qualifies it."""
     diff, spread = paired(cell, base)
     noise = max(spread, NOISE_FLOOR)
     if want == "comparable":
         return "yes" if diff >= -noise else "no"   # "comparable": not worse by more than the noise
-    return "within noise" if abs(diff) <= noise else ("yes" if diff > 0 else "no")
+    if abs(diff) > noise:
+        return "yes" if diff > 0 else "no"
+    return {None: "within noise", True: "no (within noise)",
+            False: "within noise (an arm did not learn the task)"}[learnt]
 
 
 def markdown(results: dict) -> str:
@@ -739,14 +758,21 @@ def markdown(results: dict) -> str:
              "| ablation | the paper | toy comparison "
              "| toy (points: mean ± std over seeds of the difference) | agrees |",
              "|---|---|---|---|---|"]
+    notes = []
     for name, res in results["ablations"].items():
         claim, rows = CLAIMS[name]
+        missed = unlearnt(name, res["arms"])
+        learnt = None if name not in LEARNT else not missed
         for label, cell, base, want in rows(res["arms"]):
             diff, noise = paired(cell, base)
             lines.append(f"| {name} | {claim} | {label} | {100 * diff:+.1f} ± {100 * noise:.1f}"
                          f" ({100 * cell['mean']:.1f} vs {100 * base['mean']:.1f})"
-                         f" | {verdict(cell, base, want)} |")
-    return "\n".join(lines) + "\n"
+                         f" | {verdict(cell, base, want, learnt)} |")
+        if name in LEARNT:
+            metric, least = LEARNT[name]
+            notes.append(f"{name}: arms below {100 * least:.0f}% on {metric}: "
+                         + ("; ".join(missed) if missed else "none"))
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def print_table(results: dict):

@@ -53,8 +53,12 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
     table = (tmp_path / "pub" / "results.md").read_text()
     for name in res["ablations"]:   # every ablation has a row with a computed verdict
         rows = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
-        assert rows and all(line.rstrip(" |").endswith(("yes", "no", "within noise"))
+        assert rows and all(line.rstrip(" |").endswith(("yes", "no", "within noise",
+                                                         "no (within noise)", "learn the task)"))
                             for line in rows)
+    # smoke arms learn nothing: their within-noise rows say so, and the arms are listed
+    assert "within noise (an arm did not learn the task)" in table
+    assert "jpeg: arms below 95% on clean: JPEG augmentation s0" in table
     assert {"PRM mean − majority, N=8", "PRM-weighted vote − majority, N=8"} <= \
         {line.split(" | ")[2] for line in table.splitlines() if line.startswith("| mpo |")}
     # every arm was trained once, shared ones included (each prints its command when it starts)
@@ -135,6 +139,24 @@ def test_verdict_pairs_the_seeds():
     assert A.verdict(cell(0.51, 0.61), cell(0.50, 0.60), "higher") == "within noise"
     assert A.verdict(cell(0.49, 0.59), cell(0.50, 0.60), "comparable") == "yes"
     assert A.verdict(cell(0.40, 0.50), cell(0.50, 0.60), "comparable") == "no"
+
+
+def test_within_noise_is_a_no_only_where_every_arm_learnt_the_task():
+    """A claimed effect within noise fails the claim when every arm learnt the task (LEARNT), and
+    says it cannot judge when one did not; the arms below the bar are named."""
+    def cell(*seeds):
+        return A.summarise({"m": list(seeds)})["m"]
+    same = cell(0.51, 0.61), cell(0.50, 0.60)
+    assert A.verdict(*same, "higher", learnt=True) == "no (within noise)"
+    assert A.verdict(*same, "higher", learnt=False) == \
+        "within noise (an arm did not learn the task)"
+    assert A.verdict(cell(0.80, 0.60), cell(0.70, 0.50), "higher", learnt=False) == "yes"
+    arms = {"JPEG augmentation": {"clean": cell(0.66, 1.0)},
+            "no augmentation": {"clean": cell(1.0, 0.96)},
+            "pixel check (no model)": {"jpeg_q10": cell(0.7, 0.7)}}
+    assert A.unlearnt("jpeg", arms) == ["JPEG augmentation s0 66%"]
+    arms["JPEG augmentation"]["clean"] = cell(0.95, 1.0)
+    assert A.unlearnt("jpeg", arms) == [] and A.unlearnt("loss", arms) == []
 
 
 def test_needle_data_has_one_shape_per_question(tmp_path):
