@@ -163,13 +163,14 @@ def make_needle_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
 def make_detail_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
     """The JPEG ablation's task: "Which way do the stripes run?" (horizontal, vertical, diagonal) on
     one close-up whose answer lives in faint stripes finer than JPEG's 8x8 blocks
-    (toyworld.stripes_picture). meta_aug.json and meta_noaug.json train on the same questions with
+    (toyworld.stripes_picture; training pictures also have stronger ones). meta_aug.json and meta_noaug.json train on the same questions with
     random JPEG compression on and off; eval.jsonl holds n_eval held-out questions, jpeg_q<Q>/ the
     same re-encoded at each of JPEG_QUALITIES, and pixel_check.json, for each, what a check with no
     model (toyworld.stripes_direction) reads and the mean |pixel change| (0-255)."""
     params = {"n_train": n_train, "n_eval": n_eval, "qualities": list(JPEG_QUALITIES),
               "pictures": "stripes", "periods": list(toyworld.STRIPE_PERIODS),
-              "amplitude": list(toyworld.STRIPE_AMPLITUDE)}
+              "amplitude": list(toyworld.STRIPE_AMPLITUDE),
+              "train_amplitude": list(toyworld.STRIPE_AMPLITUDE_TRAIN)}
     if toyworld.read_done(root) == params:
         return
     rng = random.Random(f"ablations/stripes/{seed}")
@@ -177,7 +178,8 @@ def make_detail_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
     pictures = []   # (relative path, direction, image, patch box)
     for i in range(n_train + n_eval):
         direction = toyworld.STRIPE_DIRECTIONS[i % len(toyworld.STRIPE_DIRECTIONS)]
-        img, box = toyworld.stripes_picture(rng, direction)
+        img, box = toyworld.stripes_picture(rng, direction, toyworld.STRIPE_AMPLITUDE_TRAIN
+                                            if i < n_train else toyworld.STRIPE_AMPLITUDE)
         rel = f"images/{i:05d}.png"
         img.save(root / rel, format="PNG", compress_level=1)
         pictures.append((rel, direction, img, box))

@@ -326,3 +326,12 @@ def test_stripes_are_fine_detail_that_jpeg_10_wipes_out():
             read[q] += tw.stripes_direction(out, (x0, y0, w, h)) == direction
     assert read[None] == read[75] == read[40] == 60
     assert read[10] <= 50
+
+
+def test_stripes_amplitude_sets_their_contrast():
+    """Training pictures of the JPEG task may have stronger stripes (STRIPE_AMPLITUDE_TRAIN): the
+    grey levels inside the patch span twice the amplitude asked for."""
+    for amp in (12, 60):
+        img, (x0, y0, w, h) = tw.stripes_picture(random.Random(1), "vertical", (amp, amp))
+        lo, hi = img.convert("L").crop((x0, y0, x0 + w, y0 + h)).getextrema()
+        assert 2 * amp - 2 <= hi - lo <= 2 * amp + 2
