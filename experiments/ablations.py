@@ -167,10 +167,11 @@ def make_needle_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
 def make_detail_data(root: Path, n_train: int, n_eval: int, seed: int = 0):
     """The JPEG ablation's task: "Which way do the stripes run?" (horizontal, vertical, diagonal) on
     one close-up whose answer lives in faint stripes finer than JPEG's 8x8 blocks
-    (toyworld.stripes_picture; training pictures also have stronger ones). meta_aug.json and meta_noaug.json train on the same questions with
-    random JPEG compression on and off; eval.jsonl holds n_eval held-out questions, jpeg_q<Q>/ the
-    same re-encoded at each of JPEG_QUALITIES, and pixel_check.json, for each, what a check with no
-    model (toyworld.stripes_direction) reads and the mean |pixel change| (0-255)."""
+    (toyworld.stripes_picture; training pictures also have stronger ones). meta_aug.json and
+    meta_noaug.json train on the same questions with random JPEG compression on and off; eval.jsonl
+    holds n_eval held-out questions, jpeg_q<Q>/ the same re-encoded at each of JPEG_QUALITIES, and
+    pixel_check.json, for each, what a check with no model (toyworld.stripes_direction) reads and
+    the mean |pixel change| (0-255)."""
     params = {"n_train": n_train, "n_eval": n_eval, "qualities": list(JPEG_QUALITIES),
               "pictures": "stripes", "periods": list(toyworld.STRIPE_PERIODS),
               "amplitude": list(toyworld.STRIPE_AMPLITUDE),
