@@ -157,6 +157,17 @@ def test_within_noise_is_a_no_only_where_every_arm_learnt_the_task():
     assert A.unlearnt("jpeg", arms) == ["JPEG augmentation s0 66%"]
     arms["JPEG augmentation"]["clean"] = cell(0.95, 1.0)
     assert A.unlearnt("jpeg", arms) == [] and A.unlearnt("loss", arms) == []
+    # a comparison checks only its own arms: a third arm below the bar does not count
+    v2pe = {f"train {d}, eval {d}": {"images_4": cell(1.0, 1.0), "images_64": cell(0.5, 0.6)}
+            for d in ("1", "1/4", "1/16")}
+    v2pe["train 1/4, eval 1/4"]["images_4"] = cell(0.9, 1.0)
+    row = v2pe["train 1/16, eval 1/16"]["images_64"], v2pe["train 1, eval 1"]["images_64"]
+    assert A.unlearnt("v2pe", v2pe, row) == []
+    assert A.unlearnt("v2pe", v2pe) == ["train 1/4, eval 1/4 s0 90%"]
+    row = v2pe["train 1/4, eval 1/4"]["images_64"], v2pe["train 1, eval 1"]["images_64"]
+    assert A.unlearnt("v2pe", v2pe, row) == ["train 1/4, eval 1/4 s0 90%"]
+    # a cell computed from several arms (no arm holds it): every arm is checked
+    assert A.unlearnt("v2pe", v2pe, (cell(0.1, 0.1), row[1])) == ["train 1/4, eval 1/4 s0 90%"]
 
 
 def test_needle_data_has_one_shape_per_question(tmp_path):
