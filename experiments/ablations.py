@@ -747,16 +747,18 @@ def unlearnt(name: str, arms: dict, only=None) -> list[str]:
 
 
 def verdict(cell, base, want: str, learnt: bool | None = None) -> str:
-    """yes / no, or within noise; learnt (every arm learnt the task: LEARNT) turns within noise
-    into "no (within noise)", the claim's effect absent, and not learnt qualifies it."""
+    """yes / no, or within noise; learnt (both arms compared learnt the task: LEARNT) turns within
+    noise into "no (within noise)", the claim's effect absent; not learnt qualifies any verdict,
+    as two arms that did not learn the task compare how far each got, not the claim."""
     diff, spread = paired(cell, base)
     noise = max(spread, NOISE_FLOOR)
     if want == "comparable":
-        return "yes" if diff >= -noise else "no"   # "comparable": not worse by more than the noise
-    if abs(diff) > noise:
-        return "yes" if diff > 0 else "no"
-    return {None: "within noise", True: "no (within noise)",
-            False: "within noise (an arm did not learn the task)"}[learnt]
+        said = "yes" if diff >= -noise else "no"   # "comparable": not worse by more than the noise
+    elif abs(diff) > noise:
+        said = "yes" if diff > 0 else "no"
+    else:
+        said = "no (within noise)" if learnt else "within noise"
+    return said + (" (an arm did not learn the task)" if learnt is False else "")
 
 
 def markdown(results: dict) -> str:

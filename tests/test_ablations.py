@@ -54,10 +54,12 @@ def test_every_ablation_runs_at_smoke_size(small_world, tmp_path):
     for name in res["ablations"]:   # every ablation has a row with a computed verdict
         rows = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
         assert rows and all(line.rstrip(" |").endswith(("yes", "no", "within noise",
-                                                         "no (within noise)", "learn the task)"))
+                                                         "no (within noise)",
+                                                         " (an arm did not learn the task)"))
                             for line in rows)
-    # smoke arms learn nothing: their within-noise rows say so, and the arms are listed
-    assert "within noise (an arm did not learn the task)" in table
+    # smoke arms learn nothing: every V2PE and JPEG row says so, and the arms are listed
+    assert all(line.rstrip(" |").endswith("did not learn the task)") for line in table.splitlines()
+               if line.startswith(("| v2pe |", "| jpeg |")))
     assert "jpeg: arms below 95% on clean: JPEG augmentation s0" in table
     assert {"PRM mean − majority, N=8", "PRM-weighted vote − majority, N=8"} <= \
         {line.split(" | ")[2] for line in table.splitlines() if line.startswith("| mpo |")}
@@ -150,7 +152,9 @@ def test_within_noise_is_a_no_only_where_every_arm_learnt_the_task():
     assert A.verdict(*same, "higher", learnt=True) == "no (within noise)"
     assert A.verdict(*same, "higher", learnt=False) == \
         "within noise (an arm did not learn the task)"
-    assert A.verdict(cell(0.80, 0.60), cell(0.70, 0.50), "higher", learnt=False) == "yes"
+    assert A.verdict(cell(0.80, 0.60), cell(0.70, 0.50), "higher", learnt=False) == \
+        "yes (an arm did not learn the task)"
+    assert A.verdict(cell(0.80, 0.60), cell(0.70, 0.50), "higher", learnt=True) == "yes"
     arms = {"JPEG augmentation": {"clean": cell(0.66, 1.0)},
             "no augmentation": {"clean": cell(1.0, 0.96)},
             "pixel check (no model)": {"jpeg_q10": cell(0.7, 0.7)}}
