@@ -143,9 +143,9 @@ def test_verdict_pairs_the_seeds():
     assert A.verdict(cell(0.40, 0.50), cell(0.50, 0.60), "comparable") == "no"
 
 
-def test_within_noise_is_a_no_only_where_every_arm_learnt_the_task():
-    """A claimed effect within noise fails the claim when every arm learnt the task (LEARNT), and
-    says it cannot judge when one did not; the arms below the bar are named."""
+def test_within_noise_is_a_no_only_where_the_compared_arms_learnt_the_task():
+    """A claimed effect within noise fails the claim when both arms compared learnt the task
+    (LEARNT); when one did not, any verdict says so; the arms below the bar are named."""
     def cell(*seeds):
         return A.summarise({"m": list(seeds)})["m"]
     same = cell(0.51, 0.61), cell(0.50, 0.60)
