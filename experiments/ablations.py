@@ -32,7 +32,8 @@ Ablations (--only picks some):
           8x8 blocks); evaluated on held-out pictures as they are and re-encoded as JPEG at
           quality 40 and 10, beside a pixel check with no model (what the pictures still show).
   mpo     MPO vs SFT only, and Best-of-N with the toy VisualPRM (experiments/reasoning.py on each
-          seed's SFT checkpoint).
+          seed's SFT checkpoint); how often the PRM ranks a right answer above a wrong one to the
+          same question (prm_ranking) says whether its Best-of-N rows measure the claim.
 Arms are cached: one whose directory holds a DONE file with the same command is not run again
 (--redo: rerun all). An arm that several ablations share (pt_native, sft_native) is trained once;
 with --jobs N, the ablations and seeds run side by side, each waiting for the arms it needs, N arms
@@ -62,8 +63,9 @@ from PIL import ImageChops, ImageStat
 from data import toyworld
 from experiments import plot
 from nanovl3.chat import Tokenizer
-from nanovl3.common import (UserError, atomic_path, read_json, user_errors, write_json,
-                            write_jsonl)
+from nanovl3.common import (UserError, atomic_path, read_json, read_jsonl, user_errors,
+                            write_json, write_jsonl)
+from nanovl3.critic import aggregate
 from nanovl3.evaluate import evaluate, load_eval_items, text_perplexity
 from nanovl3.image import jpeg_roundtrip
 from nanovl3.model import InternVL
@@ -84,11 +86,13 @@ SIZES = {
                   reasoning=["--n-train", "100", "--n-eval", "80", "--mpo-steps", "40",
                              "--prm-steps", "80", "--mc", "2"]),
     # V2PE: at lr 1e-3 two of fifteen full arms stayed at 78-86% at the training length (seed 1
-    # δ 1/256, seed 2 random); at 5e-4 seed 1's δ 1/256 arm reached 100% (measured)
+    # δ 1/256, seed 2 random); at 5e-4 seed 1's δ 1/256 arm reached 100% (measured). The PRM
+    # trains 4x reasoning.py's 900 steps: the PRM canary's "add k" sum step had a held-out AUC of
+    # 0.66 after 900 steps on 4,000 conversations, 0.96 after 3,600 on 16,000 (measured)
     "full": dict(pretrain=250, sft=2300, v2pe_sft=400, v2pe_lr=5e-4, v2pe_train=6000,
                  eval_per_type=100, v2pe_eval=50, seeds="0,1,2", jpeg_sft=600, jpeg_train=6000,
                  jpeg_eval=300,
-                 reasoning=[]),
+                 reasoning=["--prm-steps", "3600"]),
 }
 V2PE_ARMS = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/256": 1 / 256, "random": None}
 # the arms with a fixed δ; the random arm is evaluated at each of these δ
@@ -469,7 +473,22 @@ def ablation_mpo(R: Runner, seed, world: Path, device):
     for critic, curve in res["best_of_n"].items():
         for n, acc in curve.items():
             m[f"{critic}_N{n}"] = acc
+    m["prm_ranking"] = prm_ranking(arm / "best_of_n.jsonl")
     return {"reasoning": m}
+
+
+def prm_ranking(path: Path) -> float:
+    """What Best-of-N asks of a PRM: over every pair of a right and a wrong sample of one held-out
+    question, the share in which the right one has the higher mean step score (VisualPRM's rule;
+    ties count half): a within-question ROC AUC, 0.5 for a coin (and where no question has both)."""
+    wins = pairs = 0
+    for _, q in read_jsonl(path):
+        score = {True: [], False: []}
+        for s in q["samples"]:
+            score[s["correct"]].append(aggregate(s["step_scores"], "mean"))
+        wins += sum((a > b) + 0.5 * (a == b) for a in score[True] for b in score[False])
+        pairs += len(score[True]) * len(score[False])
+    return wins / pairs if pairs else 0.5
 
 
 # -----------------------------------------------------------------------------
@@ -670,46 +689,54 @@ def jpeg_change(metrics) -> dict:
     return summarise({"change": [a - b for a, b in zip(q, clean, strict=True)]})["change"]
 
 
-# what each paper reports, and the toy comparison that would agree with it: (toy value, toy
-# baseline) pairs whose difference should be > 0; "within noise" when it is smaller than its spread
-# over seeds or than NOISE_FLOOR
+# what each paper reports, and the toy comparison that would agree with it: (label, toy value, toy
+# baseline, want, checked) rows whose difference should be > 0 ("higher") or not below the noise
+# ("comparable"); "within noise" when it is smaller than its spread over seeds or than NOISE_FLOOR.
+# checked: the arms that must have learnt their task (LEARNT) for the row to say anything
+V2PE_NONE = "train 1, eval 1"
+JPEG_ARMS = ("JPEG augmentation", "no augmentation")
 CLAIMS = {
     "native": ("InternVL3 §2.2: native pre-training reaches accuracy comparable to the multi-stage "
                "(post-hoc) pipeline, then gains more from SFT",
                lambda a: [("native − post-hoc, held-out accuracy", a["native"]["vqa_accuracy"],
-                           a["post-hoc"]["vqa_accuracy"], "comparable")]),
+                           a["post-hoc"]["vqa_accuracy"], "comparable", ())]),
     "v2pe": ("InternVL3 Table 12 (random δ in training, δ at inference): none 75.2, 1/256 75.0, "
              "1/16 75.6, 1/4 75.9, 1 75.7: small steps help, 1/4 best; V2PE (arXiv 2412.09616): "
              "a small δ keeps a long input's positions near the trained range",
              lambda a: [*[(f"random@{d} − no V2PE, {NEEDLE_IMAGES[-1]} pictures",
                            a[f"train random, eval {d}"][f"images_{NEEDLE_IMAGES[-1]}"],
-                           a["train 1, eval 1"][f"images_{NEEDLE_IMAGES[-1]}"], "higher")
+                           a[V2PE_NONE][f"images_{NEEDLE_IMAGES[-1]}"], "higher",
+                           (f"train random, eval {d}", V2PE_NONE))
                           for d in ("1/4", "1/16")],
                         (f"δ 1/16 − 1 (fixed), {NEEDLE_IMAGES[-1]} pictures",
                          a["train 1/16, eval 1/16"][f"images_{NEEDLE_IMAGES[-1]}"],
-                         a["train 1, eval 1"][f"images_{NEEDLE_IMAGES[-1]}"], "higher")]),
+                         a[V2PE_NONE][f"images_{NEEDLE_IMAGES[-1]}"], "higher",
+                         ("train 1/16, eval 1/16", V2PE_NONE))]),
     "loss": ("InternVL2.5 §4: token averaging favours long answers, sample averaging short ones; "
              "square is the compromise",
              lambda a: [("token − sample, long answers", a["token"]["long_answers"],
-                         a["sample"]["long_answers"], "higher"),
+                         a["sample"]["long_answers"], "higher", ()),
                         ("sample − token, short answers", a["sample"]["short_answers"],
-                         a["token"]["short_answers"], "higher")]),
+                         a["token"]["short_answers"], "higher", ())]),
     "jpeg": ("InternVL2.5 §4: random JPEG compression (quality 75-100) in SFT makes the model "
              "robust to compressed pictures",
              lambda a: [*[(f"with − without, fine stripes at JPEG q={q}",
                            a["JPEG augmentation"][f"jpeg_q{q}"],
-                           a["no augmentation"][f"jpeg_q{q}"], "higher") for q in JPEG_QUALITIES],
+                           a["no augmentation"][f"jpeg_q{q}"], "higher", JPEG_ARMS)
+                          for q in JPEG_QUALITIES],
                         (f"with − without, change from clean to q={JPEG_QUALITIES[-1]}",
                          jpeg_change(a["JPEG augmentation"]), jpeg_change(a["no augmentation"]),
-                         "higher")]),
+                         "higher", JPEG_ARMS)]),
+    # MPO − SFT compares two trained policies; the Best-of-N rows need a PRM that ranks answers
     "mpo": ("InternVL3 §2.4: MPO beats SFT on reasoning; Best-of-N with VisualPRM rises with N and "
             "beats self-consistency",
             lambda a: [("MPO − SFT, greedy", a["reasoning"]["greedy_mpo"],
-                        a["reasoning"]["greedy_sft"], "higher"),
+                        a["reasoning"]["greedy_sft"], "higher", ()),
                        *[(f"{name} N=8 − N=1", a["reasoning"][f"{c}_N8"],
-                          a["reasoning"][f"{c}_N1"], "higher") for c, name in MPO_CRITICS.items()],
+                          a["reasoning"][f"{c}_N1"], "higher", ("reasoning",))
+                         for c, name in MPO_CRITICS.items()],
                        *[(f"{name} − majority, N=8", a["reasoning"][f"{c}_N8"],
-                          a["reasoning"]["majority_N8"], "higher")
+                          a["reasoning"]["majority_N8"], "higher", ("reasoning",))
                          for c, name in MPO_CRITICS.items()]]),
 }
 
@@ -727,23 +754,31 @@ def paired(cell, base) -> tuple[float, float]:
 NOISE_FLOOR = 0.02
 
 
-# a difference within noise says the claim fails only where both arms compared learnt the task:
-# (metric, least accuracy on every seed) of the ablations that can check it; the training length
-# for V2PE
-LEARNT = {"v2pe": (f"images_{NEEDLE_TRAIN[-1]}", 0.95), "jpeg": ("clean", 0.95)}
+# a difference within noise says the claim fails only where the arms compared learnt their task:
+# (metric, least value on every seed) of the ablations that can check it; for V2PE the accuracy at
+# the training length, for JPEG on clean pictures, for MPO the PRM's ranking of right over wrong
+# answers (prm_ranking; 0.8: the step-score AUC asked of experiments/prm_canary.py)
+LEARNT = {"v2pe": (f"images_{NEEDLE_TRAIN[-1]}", 0.95), "jpeg": ("clean", 0.95),
+          "mpo": ("prm_ranking", 0.8)}
 
 
-def unlearnt(name: str, arms: dict, only=None) -> list[str]:
-    """The arms of ablation `name` (and seeds) below LEARNT's accuracy: ["arm s1 84%", ...];
-    `only`: the cells a comparison reads, to check just the arms that hold them (a cell computed
-    from several arms, as jpeg_change's, is held by none: then every arm is checked)."""
+def unlearnt(name: str, arms: dict, checked=None) -> list[str]:
+    """The arms of ablation `name` (and seeds) below LEARNT's bar, ["arm s1 84%", ...]; only the
+    arms named in `checked` when given (a row's own arms)."""
     if name not in LEARNT:
         return []
     metric, least = LEARNT[name]
-    held = {a for a, m in arms.items() if any(c is v for c in only or () for v in m.values())}
     return [f"{arm} s{i} {100 * v:.0f}%" for arm, m in arms.items()
-            if metric in m and (only is None or arm in held or len(held) < len(only))
+            if metric in m and (checked is None or arm in checked)
             for i, v in enumerate(m[metric]["seeds"]) if v < least]
+
+
+def learnt(name: str, arms: dict, checked) -> bool | None:
+    """Whether the arms a row checks all learnt their task; None where nothing can say (the row
+    checks no arm, or the arms lack the metric, as results from before it was measured)."""
+    if name not in LEARNT or not any(LEARNT[name][0] in arms[a] for a in checked):
+        return None
+    return not unlearnt(name, arms, checked)
 
 
 def verdict(cell, base, want: str, learnt: bool | None = None) -> str:
@@ -775,13 +810,11 @@ def markdown(results: dict) -> str:
     notes = []
     for name, res in results["ablations"].items():
         claim, rows = CLAIMS[name]
-        for label, cell, base, want in rows(res["arms"]):
+        for label, cell, base, want, checked in rows(res["arms"]):
             diff, noise = paired(cell, base)
-            # only the arms this row compares must have learnt the task
-            learnt = None if name not in LEARNT else not unlearnt(name, res["arms"], (cell, base))
+            said = verdict(cell, base, want, learnt(name, res["arms"], checked))
             lines.append(f"| {name} | {claim} | {label} | {100 * diff:+.1f} ± {100 * noise:.1f}"
-                         f" ({100 * cell['mean']:.1f} vs {100 * base['mean']:.1f})"
-                         f" | {verdict(cell, base, want, learnt)} |")
+                         f" ({100 * cell['mean']:.1f} vs {100 * base['mean']:.1f}) | {said} |")
         if name in LEARNT:
             metric, least = LEARNT[name]
             missed = unlearnt(name, res["arms"])

@@ -165,13 +165,36 @@ def test_within_noise_is_a_no_only_where_the_compared_arms_learnt_the_task():
     v2pe = {f"train {d}, eval {d}": {"images_4": cell(1.0, 1.0), "images_64": cell(0.5, 0.6)}
             for d in ("1", "1/4", "1/16")}
     v2pe["train 1/4, eval 1/4"]["images_4"] = cell(0.9, 1.0)
-    row = v2pe["train 1/16, eval 1/16"]["images_64"], v2pe["train 1, eval 1"]["images_64"]
-    assert A.unlearnt("v2pe", v2pe, row) == []
     assert A.unlearnt("v2pe", v2pe) == ["train 1/4, eval 1/4 s0 90%"]
-    row = v2pe["train 1/4, eval 1/4"]["images_64"], v2pe["train 1, eval 1"]["images_64"]
-    assert A.unlearnt("v2pe", v2pe, row) == ["train 1/4, eval 1/4 s0 90%"]
-    # a cell computed from several arms (no arm holds it): every arm is checked
-    assert A.unlearnt("v2pe", v2pe, (cell(0.1, 0.1), row[1])) == ["train 1/4, eval 1/4 s0 90%"]
+    assert A.learnt("v2pe", v2pe, ("train 1/16, eval 1/16", "train 1, eval 1")) is True
+    assert A.learnt("v2pe", v2pe, ("train 1/4, eval 1/4", "train 1, eval 1")) is False
+    # the rows name their arms: the fixed-δ row reads δ 1/16 and δ 1
+    v2pe.update({f"train random, eval {d}": {"images_4": cell(1.0, 1.0),
+                                             "images_64": cell(0.5, 0.6)} for d in ("1/4", "1/16")})
+    rows = {r[0]: r[4] for r in A.CLAIMS["v2pe"][1](v2pe)}
+    assert rows["δ 1/16 − 1 (fixed), 64 pictures"] == ("train 1/16, eval 1/16", A.V2PE_NONE)
+    # nothing to say: a row that checks no arm, or arms without the metric (older results)
+    assert A.learnt("v2pe", v2pe, ()) is None and A.learnt("loss", v2pe, tuple(v2pe)) is None
+    mpo = {"reasoning": {"greedy_mpo": cell(0.6, 0.6)}}
+    assert A.learnt("mpo", mpo, ("reasoning",)) is None
+    mpo["reasoning"]["prm_ranking"] = cell(0.55, 0.9)
+    assert A.learnt("mpo", mpo, ("reasoning",)) is False
+
+
+def test_prm_ranking_compares_right_and_wrong_samples_of_one_question(tmp_path):
+    """The MPO learn check: the share of (right, wrong) sample pairs of the same question in which
+    the right sample has the higher mean step score; pairs across questions do not count."""
+    def sample(correct, *steps):
+        return {"response": "", "correct": correct, "step_scores": list(steps)}
+    rows = [{"samples": [sample(True, 0.9, 0.7), sample(False, 0.2), sample(False, 0.9)]},
+            {"samples": [sample(True, 0.1), sample(True, 0.3), sample(False, 0.3)]},
+            {"samples": [sample(True, 0.0)]}]   # no wrong sample: no pair
+    path = tmp_path / "best_of_n.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # question 1: 0.8 beats 0.2, loses to 0.9; question 2: 0.1 loses, 0.3 ties -> 1.5 of 4
+    assert A.prm_ranking(path) == 1.5 / 4
+    path.write_text(json.dumps(rows[2]) + "\n")
+    assert A.prm_ranking(path) == 0.5
 
 
 def test_needle_data_has_one_shape_per_question(tmp_path):
@@ -236,5 +259,5 @@ def test_jpeg_rows_judge_accuracy_and_its_change_from_clean():
     assert [r[0] for r in rows] == ["with − without, fine stripes at JPEG q=40",
                                     "with − without, fine stripes at JPEG q=10",
                                     "with − without, change from clean to q=10"]
-    assert [A.verdict(*r[1:]) for r in rows] == ["within noise", "yes", "yes"]
+    assert [A.verdict(*r[1:4]) for r in rows] == ["within noise", "yes", "yes"]
     assert A.paired(rows[2][1], rows[2][2])[0] == pytest.approx(0.25)   # −0.1 vs −0.3, −0.4
