@@ -783,9 +783,9 @@ def learnt(name: str, arms: dict, checked) -> bool | None:
 
 
 def verdict(cell, base, want: str, learnt: bool | None = None) -> str:
-    """yes / no, or within noise; learnt (both arms compared learnt the task: LEARNT) turns within
-    noise into "no (within noise)", the claim's effect absent; not learnt qualifies any verdict,
-    as two arms that did not learn the task compare how far each got, not the claim."""
+    """yes / no, or within noise; learnt (the arms the row checks learnt their task: LEARNT) turns
+    within noise into "no (within noise)", the claim's effect absent; not learnt qualifies any
+    verdict, as arms that did not learn their task measure how far each got, not the claim."""
     diff, spread = paired(cell, base)
     noise = max(spread, NOISE_FLOOR)
     if want == "comparable":
