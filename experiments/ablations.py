@@ -62,6 +62,7 @@ from PIL import ImageChops, ImageStat
 
 from data import toyworld
 from experiments import plot
+from experiments.prm_canary import pooled_auc
 from nanovl3.chat import Tokenizer
 from nanovl3.common import (UserError, atomic_path, read_json, read_jsonl, user_errors,
                             write_json, write_jsonl)
@@ -482,14 +483,14 @@ def prm_ranking(path: Path) -> float:
     """What Best-of-N asks of a PRM: over every pair of a right and a wrong sample of one held-out
     question, the share in which the right one has the higher mean step score (VisualPRM's rule;
     ties count half): a within-question ROC AUC, 0.5 for a coin (and where no question has both)."""
-    wins = pairs = 0
+    groups = []
     for _, q in read_jsonl(path):
         score = {True: [], False: []}
         for s in q["samples"]:
             score[s["correct"]].append(aggregate(s["step_scores"], "mean"))
-        wins += sum((a > b) + 0.5 * (a == b) for a in score[True] for b in score[False])
-        pairs += len(score[True]) * len(score[False])
-    return wins / pairs if pairs else 0.5
+        groups.append((score[True], score[False]))
+    ranking = pooled_auc(groups)
+    return 0.5 if ranking is None else ranking
 
 
 # -----------------------------------------------------------------------------

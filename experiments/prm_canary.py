@@ -1,8 +1,9 @@
 """
 A PRM canary: the PRM pipeline (prm_conversation -> tokenize_conversation -> packing -> lm_loss ->
-train.py -> prm_step_scores) trained on synthetic step labels that the step text alone decides. A
-PRM that cannot learn the one-token rule (word) points at the pipeline; the arithmetic rules (sum,
-addk) measure how fast it learns what the toy's real sum-step labels ask.
+train.py -> prm_step_scores) trained on synthetic step labels that the step text alone decides, or
+(count) the picture. A PRM that cannot learn the one-token rule (word) points at the pipeline; the
+arithmetic rules (sum, addk) measure how fast it learns what the toy's real sum-step labels ask,
+count whether it learns to check a count against its picture, as the real count steps ask.
 
     python -m experiments.prm_canary                          # all tasks, fresh toy models
     python -m experiments.prm_canary --tasks word --steps 100  # a fresh toy model, one task
@@ -15,22 +16,29 @@ experiments/reasoning.py's mc_labels):
         form of the toy's "add k" sum step)
   word  each step is "The shape is <colour>.": "+" iff the colour is red
   addk  the toy's "add k" chain as text: count, "n + k = c.", answer (addk_item)
+  count the toy's count step with its picture: "There are m shapes in the image.", "+" iff the
+        picture shows m shapes (count_item): what only the picture decides
+--mistakes N: where the --sft policy's wrong answers go wrong (first_mistakes).
 Writes <out>/results.json; the published run: experiments/results/prm_canary/."""
 
 import argparse
 import random
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
+from statistics import mean
 
 import torch
 
 from data import toyworld
 from experiments.reasoning import (load, make_questions, mc_labels, meta, rows_of, run, sample,
                                    tiles_of)
+from nanovl3.chat import render_prompt
 from nanovl3.common import UserError, read_jsonl, user_errors, write_json, write_jsonl
-from nanovl3.critic import MINUS, PLUS, prm_conversation, prm_step_scores
+from nanovl3.critic import (MINUS, PLUS, is_correct, prm_conversation, prm_step_scores,
+                            split_steps)
 from nanovl3.data import PackedStream, SampleStream, collate_packed, read_meta
 from nanovl3.losses import lm_loss
 from nanovl3.training import data_config, lr_factor, make_optimizer, param_groups, set_lr
@@ -38,7 +46,8 @@ from nanovl3.training import data_config, lr_factor, make_optimizer, param_group
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
 THREADS = 1  # torch threads: on a busy 2-core machine 1 thread ran the toy 2-10x faster than 2
 QUESTIONS = {"sum": "Check the sums, one at a time.", "word": "Is every shape red?"}
-TASKS = ("word", "sum", "addk")
+TASKS = ("word", "sum", "addk", "count")
+COUNTS = [1, 2, 3, 4, 5]   # the count canary's pictures hold 1-5 shapes
 
 
 def canary_step(rng: random.Random, task: str, good: bool) -> str:
@@ -72,12 +81,26 @@ def addk_item(rng: random.Random, p_good: float = 0.6) -> dict:
     return {"question": question, "steps": steps, "labels": labels}
 
 
+def count_item(rng: random.Random, bank: toyworld.ImageBank, p_good: float = 0.6) -> dict:
+    """The toy's count step (arith_add's first step) against its picture of 1-5 shapes: a wrong
+    count is one off, the toy policy's usual slip; "+" iff the count is right."""
+    n = rng.randint(1, 5)
+    scene = toyworld.sample_scene(rng, [toyworld.random_spec(rng) for _ in range(n)])
+    said = n if rng.random() < p_good else rng.choice([m for m in (n - 1, n + 1) if 1 <= m <= 5])
+    return {"image": [bank.add(scene)],
+            "question": toyworld.image_tags(1) + f"How many shapes are there? {toyworld.COT_SUFFIX}",
+            "steps": [f"{toyworld.there_are(said)} in the image."],
+            "labels": [PLUS if said == n else MINUS]}
+
+
 def canary_items(rng: random.Random, n: int, task: str, p_good: float = 0.6,
-                 max_steps: int = 3) -> list[dict]:
+                 max_steps: int = 3, bank: toyworld.ImageBank | None = None) -> list[dict]:
     """n conversations of 1..max_steps steps, each step right with probability p_good; labels end
-    at the first "-"."""
+    at the first "-". "count" draws its pictures into bank."""
     if task == "addk":
         return [addk_item(rng, p_good) for _ in range(n)]
+    if task == "count":
+        return [count_item(rng, bank, p_good) for _ in range(n)]
     items = []
     for _ in range(n):
         steps, labels = [], []
@@ -91,14 +114,23 @@ def canary_items(rng: random.Random, n: int, task: str, p_good: float = 0.6,
     return items
 
 
-def auc(scores: list[float], labels: list[bool]) -> float | None:
-    """ROC AUC: P(a "+" step outscores a "-" step), ties count half. None without both classes."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        return None
-    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
-    return wins / (len(pos) * len(neg))
+def pooled_auc(groups) -> float | None:
+    """ROC AUC within groups: over every pair of a "+" and a "-" score of the SAME group
+    [(plus scores, minus scores)], the share where the "+" one is higher (ties count half). None
+    without a pair. One group: the plain AUC."""
+    wins = pairs = 0
+    for pos, neg in groups:
+        wins += sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+        pairs += len(pos) * len(neg)
+    return wins / pairs if pairs else None
+
+
+def auc(scores: list[float], labels: list[bool], keys: list | None = None) -> float | None:
+    """P(a "+" step outscores a "-" step), ties count half; with keys, only pairs of one key."""
+    groups = {}
+    for s, y, k in zip(scores, labels, keys or [None] * len(scores)):
+        groups.setdefault(k, ([], []))[0 if y else 1].append(s)
+    return pooled_auc(groups.values())
 
 
 def score_items(prm, tok, items: list[dict], out: Path | None = None) -> list[list[float]]:
@@ -118,6 +150,47 @@ def score_items(prm, tok, items: list[dict], out: Path | None = None) -> list[li
         for i, s in zip(idx, got):
             scores[i] = s
     return scores
+
+
+def stated_count(item: dict) -> int:
+    return int(re.findall(r"\d+", item["steps"][0])[0])
+
+
+@torch.no_grad()
+def count_belief(model, tok, items: list[dict], out: Path) -> tuple[list[float], float]:
+    """What the initial model itself knows of the count canary's pictures: asked the toy's direct
+    question, its P(m) over m = 1..5 (each whole reply "m." scored, renormalised). -> P(stated
+    count) per item (a critic with no PRM training) and the accuracy of its argmax on "+" items."""
+    model.eval()
+    scores, hits = [], 0
+    for it in items:
+        tiles = tiles_of(it, out, model.cfg)
+        prompt = tok.encode(render_prompt(toyworld.image_tags(1) + "How many shapes are there?",
+                                          [x.size(0) for x in tiles], model.cfg.num_image_token))
+        replies = [tok.encode(toyworld.short(str(m))) + [tok.im_end_id] for m in COUNTS]
+        T = len(prompt) + max(map(len, replies))
+        ids = torch.tensor([prompt + r + [tok.pad_id] * (T - len(prompt) - len(r))
+                            for r in replies])  # [5,T]
+        logp = model(ids, torch.cat(tiles * len(COUNTS))).float().log_softmax(-1)  # [5,T,V]
+        p = torch.stack([logp[i, len(prompt) - 1 + torch.arange(len(r)), r].sum()
+                         for i, r in enumerate(replies)]).softmax(0)  # [5] P(m)
+        scores.append(p[COUNTS.index(stated_count(it))].item())
+        hits += it["labels"][0] == PLUS and COUNTS[int(p.argmax())] == stated_count(it)
+    return scores, hits / max(1, sum(it["labels"][0] == PLUS for it in items))
+
+
+def count_aucs(train: list[dict], held: list[dict], critics: dict) -> dict:
+    """The count canary's step AUC for each critic {name: scores of held}, overall and within the
+    steps that state the same count, beside the text prior: P("+" | the stated count) in the
+    training labels (a one-off slip cannot go below 1 or above 5, so 1 and 5 are "+" more often). A
+    critic that reads the picture beats the prior within a stated count, where the prior is 0.5."""
+    freq = {}
+    for it in train:
+        freq.setdefault(stated_count(it), []).append(it["labels"][0] == PLUS)
+    prior = [mean(freq.get(stated_count(it), [0.5])) for it in held]
+    ys, keys = [it["labels"][0] == PLUS for it in held], [stated_count(it) for it in held]
+    return {name: {"auc": auc(sc, ys), "same_count_auc": auc(sc, ys, keys)}
+            for name, sc in {"text prior": prior, **critics}.items()}
 
 
 def step_aucs(items: list[dict], scores: list[list[float]], key=lambda it, k: k) -> dict:
@@ -168,7 +241,8 @@ def train_in_process(model, tok, data: Path, steps: int, lr: float = 1e-3, seed:
 
 def write_canary(out: Path, items: list[dict]):
     """Labelled items -> out/prm.jsonl + out/meta.json, the PRM data form of reasoning.py."""
-    rows = [{"conversations": prm_conversation(it["question"], it["steps"], it["labels"])}
+    rows = [{**({"image": it["image"]} if "image" in it else {}),
+             "conversations": prm_conversation(it["question"], it["steps"], it["labels"])}
             for it in items]
     write_jsonl(out / "prm.jsonl", rows)
     meta(out / "meta.json", "prm.jsonl", length=len(rows))
@@ -190,23 +264,36 @@ def canary(args, task: str) -> dict:
     ones with prm_step_scores -> the step AUC, overall and per step."""
     out = Path(args.out).resolve() / task
     rng = random.Random(f"canary/{task}/{args.seed}")
-    train, held = canary_items(rng, args.n_train, task), canary_items(rng, 300, task)
+    bank = toyworld.ImageBank("images")   # pictures (count) under out, as meta's root ".." says
+    train = canary_items(rng, args.n_train, task, bank=bank)
+    held = canary_items(rng, 300, task, bank=bank)
+    toyworld.render_all(out, bank.items)
     write_canary(out / "data", train)
     t = time.time()
     train_prm(out / "data", args.init, out / "prm", args.steps, args.seed,
               ["--lr", str(args.lr), "--max-packed-tokens", str(args.max_packed_tokens)])
     seconds = round(time.time() - t, 1)
     prm, tok = load(str(out / "prm" / "ckpt"))
-    scores = score_items(prm, tok, held)
+    scores = score_items(prm, tok, held, out)
+    if task == "count":  # what the PRM learnt of the pictures, beside the initial model's own count
+        critics = {"PRM": [x[0] for x in scores]}
+        if args.init:
+            critics["initial model's own count"], accuracy = count_belief(*load(args.init), held,
+                                                                          out)
+        count = {"count_aucs": count_aucs(train, held, critics),
+                 **({"init_count_accuracy": accuracy} if args.init else {})}
     res = {"task": task, "train_conversations": len(train),
            "held_out_conversations": len(held), "steps": args.steps, "lr": args.lr,
            "init": args.init or "fresh toy preset",
            **({"sum_step_by_mistake": sum_step_by_mistake(held, scores)} if task == "addk" else {}),
+           **(count if task == "count" else {}),
            "train_seconds": seconds,
            "step_auc": step_aucs(held, scores, key=lambda it, k: f"step {k + 1}"),
            "examples": [{"steps": it["steps"], "labels": it["labels"],
                          "scores": [round(x, 3) for x in s]} for it, s in zip(held[:6], scores)]}
     print(f"[{task}] held-out step AUC: {summary(res['step_auc'])}; training {seconds:.0f}s")
+    for name, a in res.get("count_aucs", {}).items():
+        print(f"[count] {name}: AUC {a['auc']:.3f}, within a stated count {a['same_count_auc']:.3f}")
     return res
 
 
@@ -305,11 +392,49 @@ def real(args) -> dict:
     return res
 
 
+def step_kind(step: str) -> str:
+    """What a step of the toy's chain-of-thought answers states, and so what can check it."""
+    if re.match(r"There (is|are) \d+ shapes? in", step):
+        return "count (picture)"
+    if re.match(r"[A-Z][a-z]+: an? ", step):   # "Two: a red circle."
+        return "item of a counting chain (picture)"
+    if re.match(r"\d+ \+ \d+ = \d+\.$", step):
+        return "sum (text)"
+    return "answer" if step.startswith("The answer is") else "other"
+
+
+def first_mistakes(args) -> dict:
+    """Where the --sft policy's wrong answers first leave the reference solution: 8 samples at
+    temperature 0.7 (the rollouts') to each of --mistakes new questions; the first step that differs
+    from the reference, by question type and kind of step (step_kind)."""
+    out = Path(args.out).resolve() / "mistakes"
+    make_questions(out, 1, args.mistakes, args.seed)
+    questions = rows_of(out / "questions" / "eval.jsonl")
+    model, tok = load(args.sft)
+    answers = sample(model, tok, out, [(q, "") for q in questions], 8, 0.7, args.seed)
+    kinds, wrong = {}, 0
+    for q, samples in zip(questions, answers):
+        ref = split_steps(q["reference"])
+        for a in (a for a in samples if not is_correct(a, q["answer"])):
+            steps, wrong = split_steps(a), wrong + 1
+            k = next((i for i, (x, y) in enumerate(zip(steps, ref)) if x != y),
+                     min(len(steps), len(ref)))
+            key = f"{q['type']}: {step_kind(steps[k]) if k < len(steps) else 'ends early'}"
+            kinds[key] = kinds.get(key, 0) + 1
+    picture = sum(v for k, v in kinds.items() if "(picture)" in k)
+    res = {"questions": len(questions), "samples": 8 * len(questions), "wrong": wrong,
+           "first_departure": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+           "at_a_picture_step": picture / max(1, wrong)}
+    print(f"[mistakes] {wrong} wrong of {res['samples']}; the first departure from the reference "
+          f"is at a step only the picture checks in {100 * res['at_a_picture_step']:.1f}%")
+    return res
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--tasks", default="word,sum,addk",
-                        help="canary tasks to run, a comma list of word, sum, addk")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help="canary tasks to run, a comma list of " + ", ".join(TASKS))
     parser.add_argument("--out", default="runs/prm_canary")
     parser.add_argument("--init", default="",
                         help="PRM initial checkpoint (default: a fresh toy-preset model)")
@@ -327,16 +452,21 @@ def main():
                         help="training questions when --real has no labels yet")
     parser.add_argument("--held-out", type=float, default=0.2,
                         help="share of the real questions held out")
+    parser.add_argument("--mistakes", type=int, default=0,
+                        help="also sample 8 answers from --sft to this many new questions: where "
+                             "do the wrong ones first leave the reference solution?")
     parser.add_argument("--results", default="", help="also write results.json here")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]  # "" runs no canary (only --real)
     if bad := set(tasks) - set(TASKS):
         raise UserError(f"--tasks: unknown {sorted(bad)} (use a comma list of {', '.join(TASKS)})")
     torch.set_num_threads(THREADS)
-    res = {"command": " ".join(["python -m experiments.prm_canary", *sys.argv[1:]]),
+    res = {"command": "python -m experiments.prm_canary " + shlex.join(sys.argv[1:]),
            "canary": {task: canary(args, task) for task in tasks}}
     if args.real:
         res["real"] = real(args)
+    if args.mistakes:
+        res["mistakes"] = first_mistakes(args)
     for path in [Path(args.out) / "results.json"] + ([Path(args.results)] if args.results else []):
         write_json(path.resolve(), res)
 

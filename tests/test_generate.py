@@ -41,7 +41,8 @@ def prompt_with_image(model, n_tiles, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kv_cache_equals_recompute(model, dtype):
-    """fp64 isolates the cache logic from rounding (bound 1e-9); fp32: within 1e-4, same tokens."""
+    """fp64 isolates the cache logic from rounding (bound 1e-9); fp32: within 1e-5 of the logits'
+    largest magnitude, same tokens."""
     model = copy.deepcopy(model).to(dtype)
     ids, pix = prompt_with_image(model, 2, seed=0)
     pix = pix.to(dtype)
@@ -59,8 +60,9 @@ def test_kv_cache_equals_recompute(model, dtype):
     # step k's logits predict new[k]: prefill gives the first, each decode step the next
     for k, logits in enumerate(step_logits):
         want = recomputed[len(ids) - 1 + k]
-        assert ((logits.reshape(-1) - want).abs().max().item()
-                <= (1e-9 if dtype == torch.float64 else 1e-4))
+        # fp32: relative to the logits' scale (up to ~18 here); the rounding differs by CPU kernel
+        bound = 1e-9 if dtype == torch.float64 else 1e-5 * want.abs().max().item()
+        assert (logits.reshape(-1) - want).abs().max().item() <= bound
         assert int(want.argmax()) == new[k]
 
 

@@ -8,12 +8,14 @@ lm_loss -> prm_step_scores). Reading the wrong position or the wrong label ids m
 
 import json
 import random
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from data import toyworld
 from experiments import prm_canary
 from experiments.reasoning import ROOT
 from nanovl3 import critic
@@ -93,15 +95,49 @@ def test_auc():
     assert prm_canary.auc([0.3], [True]) is None
 
 
+def test_count_canary_labels_follow_the_picture(tmp_path):
+    """The count canary's label is the picture's: "+" iff the step states the number of shapes
+    drawn; a wrong count is one off; the training rows carry the picture."""
+    bank = toyworld.ImageBank("images")
+    items = prm_canary.canary_items(random.Random(0), 200, "count", bank=bank)
+    scenes = dict(bank.items)
+    for it in items:
+        n, said = len(scenes[it["image"][0]].objects), int(re.findall(r"\d+", it["steps"][0])[0])
+        assert it["labels"] == ["+" if said == n else "-"] and abs(said - n) <= 1
+    assert 0.3 < sum(it["labels"] == ["-"] for it in items) / len(items) < 0.5  # p_good 0.6
+    prm_canary.write_canary(tmp_path, items[:3])
+    rows = [json.loads(line) for line in (tmp_path / "prm.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in rows] == [it["image"] for it in items[:3]]
+
+
+def test_step_kind_reads_the_toy_templates():
+    """Each step of the toy's reference solutions is named by what can check it."""
+    rng = random.Random(0)
+    kinds = {}
+    for qtype in ("arith_two", "arith_add", "count_cot"):
+        _, qa = toyworld.build(rng, qtype)
+        kinds[qtype] = [prm_canary.step_kind(s) for s in critic.split_steps(qa["reply"])]
+    count, item, total = "count (picture)", "item of a counting chain (picture)", "sum (text)"
+    assert kinds["arith_two"] == [count, count, total, "answer"]
+    assert kinds["arith_add"] == [count, total, "answer"]
+    assert kinds["count_cot"][0] == "other" and kinds["count_cot"][-1] == "answer"
+    assert set(kinds["count_cot"][1:-1]) == {item}
+
+
 @pytest.mark.slow
 def test_the_experiment_runs_end_to_end(untrained_ckpt, tmp_path):
     """python -m experiments.prm_canary at a tiny size: canary and real-label PRMs via train.py."""
     out, real = tmp_path / "out", tmp_path / "real"
-    subprocess.run([sys.executable, "-m", "experiments.prm_canary", "--tasks", "word,addk",
+    subprocess.run([sys.executable, "-m", "experiments.prm_canary", "--tasks", "word,addk,count",
                     "--steps", "2", "--n-train", "40", "--init", str(untrained_ckpt), "--out",
                     str(out), "--real", str(real), "--sft", str(untrained_ckpt), "--n-real", "3",
-                    "--real-steps", "2", "--held-out", "0.5"], check=True, cwd=ROOT)
+                    "--real-steps", "2", "--held-out", "0.5", "--mistakes", "2"], check=True,
+                   cwd=ROOT)
     res = json.loads((out / "results.json").read_text())
-    assert set(res["canary"]) == {"word", "addk"}
+    assert set(res["canary"]) == {"word", "addk", "count"}
     assert res["canary"]["addk"]["step_auc"]["step 2"]["n"] == 300  # every item has a sum step
+    aucs = res["canary"]["count"]["count_aucs"]
+    assert aucs["text prior"]["same_count_auc"] == 0.5   # the prior is one number per count
+    assert set(aucs) == {"text prior", "PRM", "initial model's own count"}
+    assert sum(res["mistakes"]["first_departure"].values()) == res["mistakes"]["wrong"]
     assert res["real"]["held_out_conversations"] > 0 and (real / "prm" / "prm.jsonl").is_file()
