@@ -94,7 +94,7 @@ def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.reasoning", "--sft", str(untrained_ckpt),
                         "--out", str(tmp_path), "--n-train", "4", "--n-eval", "3",
                         "--rollouts", "2", "--mpo-steps", "2", "--prm-steps", "2", "--mc", "1",
-                        "--max-new-tokens", "12",
+                        "--prm-lr", "2e-4", "--max-new-tokens", "12",
                         "--reference-chosen",  # a random model is never right: reference answers
                         "--dntp"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -106,4 +106,5 @@ def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
             assert 0 <= acc <= res["best_of_n"]["pass@N"][n]  # no critic beats the ceiling
     assert (tmp_path / "mpo" / "ckpt" / "config.json").is_file()
     assert (tmp_path / "prm_ckpt" / "ckpt" / "config.json").is_file()
+    assert '"lr": 0.0002,' in (tmp_path / "prm.log").read_text()   # --prm-lr reaches train.py
     assert "Best-of-N" in r.stdout
