@@ -174,8 +174,9 @@ def count_belief(model, tok, items: list[dict], out: Path) -> tuple[list[float],
         logp = model(ids, torch.cat(tiles * len(COUNTS))).float().log_softmax(-1)  # [5,T,V]
         p = torch.stack([logp[i, len(prompt) - 1 + torch.arange(len(r)), r].sum()
                          for i, r in enumerate(replies)]).softmax(0)  # [5] P(m)
-        scores.append(p[COUNTS.index(stated_count(it))].item())
-        hits += it["labels"][0] == PLUS and COUNTS[int(p.argmax())] == stated_count(it)
+        said = COUNTS.index(stated_count(it))
+        scores.append(p[said].item())
+        hits += it["labels"][0] == PLUS and int(p.argmax()) == said
     return scores, hits / max(1, sum(it["labels"][0] == PLUS for it in items))
 
 

@@ -8,7 +8,6 @@ lm_loss -> prm_step_scores). Reading the wrong position or the wrong label ids m
 
 import json
 import random
-import re
 import subprocess
 import sys
 
@@ -102,7 +101,7 @@ def test_count_canary_labels_follow_the_picture(tmp_path):
     items = prm_canary.canary_items(random.Random(0), 200, "count", bank=bank)
     scenes = dict(bank.items)
     for it in items:
-        n, said = len(scenes[it["image"][0]].objects), int(re.findall(r"\d+", it["steps"][0])[0])
+        n, said = len(scenes[it["image"][0]].objects), prm_canary.stated_count(it)
         assert it["labels"] == ["+" if said == n else "-"] and abs(said - n) <= 1
     assert 0.3 < sum(it["labels"] == ["-"] for it in items) / len(items) < 0.5  # p_good 0.6
     prm_canary.write_canary(tmp_path, items[:3])
