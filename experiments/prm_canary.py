@@ -19,6 +19,7 @@ experiments/reasoning.py's mc_labels):
   count the toy's count step with its picture: "There are m shapes in the image.", "+" iff the
         picture shows m shapes (count_item): what only the picture decides
 --mistakes N: where the --sft policy's wrong answers go wrong (first_mistakes).
+--audit RUN: how far a reasoning run's Monte-Carlo labels follow the reference (label_audit).
 Writes <out>/results.json; the published run: experiments/results/prm_canary/."""
 
 import argparse
@@ -404,6 +405,43 @@ def step_kind(step: str) -> str:
     return "answer" if step.startswith("The answer is") else "other"
 
 
+def label_audit(run: Path) -> dict:
+    """How far the Monte-Carlo labels of an experiments/reasoning.py --out directory follow the
+    reference solution, by question type and kind of step. The toy's answers are templates (a
+    counting chain goes left to right), so a step is right iff the answer matches the reference up
+    to and including it. A Monte-Carlo "+" only says some continuation reaches the right answer:
+    "right answer, wrong steps" counts the sampled answers that do so from a wrong step (two counts
+    swapped, a shape misnamed in a counting chain), whose every step is labelled "+"."""
+    rows = [row for _, row in read_jsonl(run / "prm" / "prm.jsonl")]
+    questions = rows_of(run / "questions" / "train.jsonl")
+    refs = {(q["question"], tuple(q["image"])): q for q in questions}
+    steps_of, answers = {}, {}
+    for it in real_items(rows, {}):
+        q = refs.get((it["question"], tuple(it["image"])))
+        if q is None:
+            raise UserError(f"{run / 'prm' / 'prm.jsonl'}: a conversation about {it['image']} "
+                            f"has no question in {run / 'questions' / 'train.jsonl'}")
+        ref, right = split_steps(q["reference"]), True
+        for k, (step, label) in enumerate(zip(it["steps"], it["labels"])):
+            right = right and k < len(ref) and step == ref[k]
+            cell = steps_of.setdefault(q["type"], {}).setdefault(step_kind(step), {})
+            name = f"{label} {'right' if right else 'wrong'}"
+            cell[name] = cell.get(name, 0) + 1
+        if it["labels"][-1] == PLUS:   # a right answer: all its steps are "+"
+            tally = answers.setdefault(q["type"], {"right answers": 0, "wrong steps": 0})
+            tally["right answers"] += 1
+            tally["wrong steps"] += it["steps"] != ref
+    for kinds in steps_of.values():
+        for cell in kinds.values():
+            n = sum(cell.values())
+            cell.update(n=n, agree=round((cell.get("+ right", 0) + cell.get("- wrong", 0)) / n, 3))
+    print("[audit] the share of Monte-Carlo labels that agree with the reference solution:")
+    for qtype, kinds in sorted(steps_of.items()):
+        print(f"  {qtype}: " + ", ".join(f"{kind} {c['agree']:.2f} of {c['n']}"
+                                         for kind, c in sorted(kinds.items())))
+    return {"run": str(run), "steps": steps_of, "right_answer_wrong_steps": answers}
+
+
 def first_mistakes(args) -> dict:
     """Where the --sft policy's wrong answers first leave the reference solution: 8 samples at
     temperature 0.7 (the rollouts') to each of --mistakes new questions; the first step that differs
@@ -456,6 +494,9 @@ def main():
     parser.add_argument("--mistakes", type=int, default=0,
                         help="also sample 8 answers from --sft to this many new questions: where "
                              "do the wrong ones first leave the reference solution?")
+    parser.add_argument("--audit", default="",
+                        help="an experiments.reasoning --out directory: how far its Monte-Carlo "
+                             "labels follow the reference solution (label_audit)")
     parser.add_argument("--results", default="", help="also write results.json here")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]  # "" runs no canary (only --real)
@@ -468,6 +509,8 @@ def main():
         res["real"] = real(args)
     if args.mistakes:
         res["mistakes"] = first_mistakes(args)
+    if args.audit:
+        res["audit"] = label_audit(Path(args.audit).resolve())
     for path in [Path(args.out) / "results.json"] + ([Path(args.results)] if args.results else []):
         write_json(path.resolve(), res)
 

@@ -19,6 +19,7 @@ from experiments import prm_canary
 from experiments.reasoning import ROOT
 from nanovl3 import critic
 from nanovl3.chat import train_tokenizer
+from nanovl3.common import UserError, write_jsonl
 from nanovl3.config import preset
 from nanovl3.critic import PRM_SYSTEM_PROMPT
 from nanovl3.model import InternVL
@@ -123,6 +124,33 @@ def test_step_kind_reads_the_toy_templates():
     assert set(kinds["count_cot"][1:-1]) == {item}
 
 
+def test_label_audit_holds_the_labels_against_the_reference(tmp_path):
+    """A right answer whose steps leave the reference (two counts swapped) is "+" throughout: the
+    audit counts its steps as "+ wrong" and the answer under "wrong steps"; a wrong count that is
+    labelled "-" agrees."""
+    two = "Image-1: <image>\nImage-2: <image>\nHow many shapes are there in total in both images?"
+    ref = ["There are 2 shapes in the first image.", "There is 1 shape in the second image.",
+           "2 + 1 = 3.", "The answer is 3."]
+    swapped = ["There is 1 shape in the first image.", "There are 2 shapes in the second image.",
+               "1 + 2 = 3.", "The answer is 3."]
+    q = {"image": ["a.png", "b.png"], "question": two, "answer": "3", "type": "arith_two",
+         "reference": "\n\n".join(ref)}
+    rows = [{"image": q["image"], "conversations": critic.prm_conversation(two, steps, labels)}
+            for steps, labels in [(ref, None), (swapped, None), (swapped[:1], ["-"])]]
+    write_jsonl(tmp_path / "questions" / "train.jsonl", [q])
+    write_jsonl(tmp_path / "prm" / "prm.jsonl", rows)
+    res = prm_canary.label_audit(tmp_path)
+    count = res["steps"]["arith_two"]["count (picture)"]
+    assert count == {"+ right": 2, "+ wrong": 2, "- wrong": 1, "n": 5, "agree": 0.6}
+    assert res["steps"]["arith_two"]["answer"] == {"+ right": 1, "+ wrong": 1, "n": 2,
+                                                   "agree": 0.5}
+    assert res["right_answer_wrong_steps"] == {"arith_two": {"right answers": 2, "wrong steps": 1}}
+    rows[0]["image"] = ["c.png", "b.png"]   # a conversation whose question is not in the run
+    write_jsonl(tmp_path / "prm" / "prm.jsonl", rows)
+    with pytest.raises(UserError, match="c.png"):
+        prm_canary.label_audit(tmp_path)
+
+
 @pytest.mark.slow
 def test_the_experiment_runs_end_to_end(untrained_ckpt, tmp_path):
     """python -m experiments.prm_canary at a tiny size: canary and real-label PRMs via train.py."""
@@ -130,7 +158,8 @@ def test_the_experiment_runs_end_to_end(untrained_ckpt, tmp_path):
     subprocess.run([sys.executable, "-m", "experiments.prm_canary", "--tasks", "word,addk,count",
                     "--steps", "2", "--n-train", "40", "--init", str(untrained_ckpt), "--out",
                     str(out), "--real", str(real), "--sft", str(untrained_ckpt), "--n-real", "3",
-                    "--real-steps", "2", "--held-out", "0.5", "--mistakes", "2"], check=True,
+                    "--real-steps", "2", "--held-out", "0.5", "--mistakes", "2", "--audit",
+                    str(real)], check=True,
                    cwd=ROOT)
     res = json.loads((out / "results.json").read_text())
     assert set(res["canary"]) == {"word", "addk", "count"}
@@ -140,3 +169,6 @@ def test_the_experiment_runs_end_to_end(untrained_ckpt, tmp_path):
     assert set(aucs) == {"text prior", "PRM", "initial model's own count"}
     assert sum(res["mistakes"]["first_departure"].values()) == res["mistakes"]["wrong"]
     assert res["real"]["held_out_conversations"] > 0 and (real / "prm" / "prm.jsonl").is_file()
+    audited = sum(c["n"] for kinds in res["audit"]["steps"].values() for c in kinds.values())
+    rows = [json.loads(line) for line in (real / "prm" / "prm.jsonl").read_text().splitlines()]
+    assert audited == sum(len(r["conversations"]) // 2 for r in rows)   # every labelled step
