@@ -159,8 +159,7 @@ def test_the_experiment_runs_end_to_end(untrained_ckpt, tmp_path):
                     "--steps", "2", "--n-train", "40", "--init", str(untrained_ckpt), "--out",
                     str(out), "--real", str(real), "--sft", str(untrained_ckpt), "--n-real", "3",
                     "--real-steps", "2", "--held-out", "0.5", "--mistakes", "2", "--audit",
-                    str(real)], check=True,
-                   cwd=ROOT)
+                    str(real)], check=True, cwd=ROOT)
     res = json.loads((out / "results.json").read_text())
     assert set(res["canary"]) == {"word", "addk", "count"}
     assert res["canary"]["addk"]["step_auc"]["step 2"]["n"] == 300  # every item has a sum step
