@@ -664,13 +664,18 @@ def report(out: Path, publish: Path | None):
     path = out / "results.json"
     if not path.is_file():
         raise UserError(f"{path}: no results yet (run the ablations first)")
-    results = json.loads(path.read_text())
+    results = read_json(path)
+    try:   # the table before any file: results of an older version of this script lack its keys
+        table = markdown(results)
+    except KeyError as e:
+        raise UserError(f"{path}: no {e.args[0]!r} in its results, which an older "
+                        f"experiments/ablations.py wrote (its results.md is their table)") from None
     for folder in [out] + ([publish] if publish else []):
         folder.mkdir(parents=True, exist_ok=True)
         for name, res in results["ablations"].items():
             draw(name, res, folder, len(results["seeds"]))
         with atomic_path(str(folder / "results.md")) as tmp, open(tmp, "w") as f:
-            f.write(markdown(results))
+            f.write(table)
         if folder != out:
             shutil.copyfile(path, folder / "results.json")
     print_table(results)

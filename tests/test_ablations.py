@@ -181,6 +181,30 @@ def test_within_noise_is_a_no_only_where_the_compared_arms_learnt_the_task():
     assert A.learnt("mpo", mpo, ("reasoning",)) is False
 
 
+def test_report_redraws_the_table_and_names_a_key_older_results_lack(tmp_path):
+    """--report: results.json -> results.md; results an older version wrote (V2PE at 16 pictures)
+    end in one error naming the file and the key, before any file is written."""
+    def cell(*seeds):
+        return A.summarise({"m": list(seeds)})["m"]
+    arms = {"token": {}, "sample": {}, "square": {}}
+    for arm, short, long in (("token", 0.70, 0.6), ("sample", 0.72, 0.5), ("square", 0.71, 0.55)):
+        arms[arm] = {"short_answers": cell(short, short), "long_answers": cell(long, long + 0.1)}
+    results = {"command": "python -m experiments.ablations --only loss", "machine": "a CPU",
+               "seeds": [0, 1], "size": "full", "ablations": {"loss": {"arms": arms}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    A.report(tmp_path, None)
+    table = (tmp_path / "results.md").read_text()
+    assert "| token − sample, long answers | +10.0 ± 0.0 (65.0 vs 55.0) | yes |" in table
+    old = {f"train {t}, eval {d}": {"images_4": cell(1.0, 1.0), "images_16": cell(0.5, 0.6)}
+           for d in A.FIXED_DELTAS for t in (d, "random")}
+    results["ablations"] = {"v2pe": {"arms": old}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "results.md").unlink()
+    with pytest.raises(UserError, match=r"results.json: no 'images_64'"):
+        A.report(tmp_path, None)
+    assert not (tmp_path / "results.md").exists()
+
+
 def test_prm_ranking_compares_right_and_wrong_samples_of_one_question(tmp_path):
     """The MPO learn check: the share of (right, wrong) sample pairs of the same question in which
     the right sample has the higher mean step score; pairs across questions do not count."""
