@@ -405,6 +405,13 @@ def step_kind(step: str) -> str:
     return "answer" if step.startswith("The answer is") else "other"
 
 
+def departure(steps: list[str], ref: list[str]) -> int:
+    """The index of the first step that leaves the reference solution (len of the shorter when one
+    is the other's start): steps before it are right, it and those after are not."""
+    return next((i for i, (x, y) in enumerate(zip(steps, ref)) if x != y),
+                min(len(steps), len(ref)))
+
+
 def label_audit(run: Path) -> dict:
     """How far the Monte-Carlo labels of an experiments/reasoning.py --out directory follow the
     reference solution, by question type and kind of step. The toy's answers are templates (a
@@ -421,11 +428,11 @@ def label_audit(run: Path) -> dict:
         if q is None:
             raise UserError(f"{run / 'prm' / 'prm.jsonl'}: a conversation about {it['image']} "
                             f"has no question in {run / 'questions' / 'train.jsonl'}")
-        ref, right = split_steps(q["reference"]), True
+        ref = split_steps(q["reference"])
+        leaves = departure(it["steps"], ref)
         for k, (step, label) in enumerate(zip(it["steps"], it["labels"])):
-            right = right and k < len(ref) and step == ref[k]
             cell = steps_of.setdefault(q["type"], {}).setdefault(step_kind(step), {})
-            name = f"{label} {'right' if right else 'wrong'}"
+            name = f"{label} {'right' if k < leaves else 'wrong'}"
             cell[name] = cell.get(name, 0) + 1
         if it["labels"][-1] == PLUS:   # a right answer: all its steps are "+"
             tally = answers.setdefault(q["type"], {"right answers": 0, "wrong steps": 0})
@@ -456,8 +463,7 @@ def first_mistakes(args) -> dict:
         ref = split_steps(q["reference"])
         for a in (a for a in samples if not is_correct(a, q["answer"])):
             steps, wrong = split_steps(a), wrong + 1
-            k = next((i for i, (x, y) in enumerate(zip(steps, ref)) if x != y),
-                     min(len(steps), len(ref)))
+            k = departure(steps, ref)
             key = f"{q['type']}: {step_kind(steps[k]) if k < len(steps) else 'ends early'}"
             kinds[key] = kinds.get(key, 0) + 1
     picture = sum(v for k, v in kinds.items() if "(picture)" in k)
