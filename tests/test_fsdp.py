@@ -38,13 +38,11 @@ def free_port() -> int:
 # two sharded processes == one process with the same global batch
 
 
-def _fsdp_worker(rank, port, world, result_dir):
-    import torch.distributed as dist
+def _fsdp_step(rank, world) -> dict:
+    """One sharded SGD step on rank's half of the batch; returns plain (gathered) tensors only."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from nanovl3.training import FULL, all_reduce_mean, shard
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     tok = Tokenizer.from_dir(world)
     model = tiny_model(tok)
     pack = samples(world, tok, model, n=4)[rank * 2: rank * 2 + 2]  # rank r: its half of the batch
@@ -60,11 +58,20 @@ def _fsdp_worker(rank, port, world, result_dir):
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # every rank gathers
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # as Session.optimizer_step
     opt.step()
-    params = get_model_state_dict(model, options=FULL)
-    global_loss = all_reduce_mean(loss.detach())
+    return {"loss": all_reduce_mean(loss.detach()), "grads": grads, "norm": norm.full_tensor(),
+            "params": get_model_state_dict(model, options=FULL)}
+
+
+def _fsdp_worker(rank, port, world, result_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    result = _fsdp_step(rank, world)  # the sharded model, its DTensors and graph are freed here
     if rank == 0:
-        torch.save({"loss": global_loss, "params": params, "grads": grads,
-                    "norm": norm.full_tensor()}, os.path.join(result_dir, "fsdp.pt"))
+        torch.save(result, os.path.join(result_dir, "fsdp.pt"))
+    # both ranks leave together: a rank that tore its gloo group down while the other still held
+    # sharded state aborted ("terminate called without an active exception", 1 run in 6)
+    dist.barrier()
     dist.destroy_process_group()
 
 
