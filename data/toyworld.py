@@ -515,13 +515,18 @@ def steps_agree(response: str, question: str) -> bool:
         words = [s.split(":")[0].lower() for s in body[1:]]
         return (all(":" in s for s in body[1:]) and words == NUM_WORDS[1:len(words) + 1]
                 and answer == len(words))
-    counts = [int(n) for s in body
-              for n in re.findall(r"^There (?:is|are) (\d+) shapes? in the", s)]
+    counts = stated_counts(body)
     more = re.search(r"If you add (\d+) more", question)
     terms = counts + ([int(more.group(1))] if more else [])
     sums = [tuple(map(int, m)) for s in body for m in re.findall(r"^(\d+) \+ (\d+) = (\d+)\.$", s)]
     return (len(body) == len(counts) + 1 and len(sums) == 1 and list(sums[0][:2]) == terms
             and sum(terms) == sums[0][2] == answer)
+
+
+def stated_counts(steps: list[str]) -> list[int]:
+    """The counts a chain of thought states, "There are 3 shapes in the first image." -> 3, in
+    order."""
+    return [int(n) for s in steps for n in re.findall(r"^There (?:is|are) (\d+) shapes? in the", s)]
 
 
 def image_tags(n_images: int) -> str:

@@ -14,7 +14,8 @@ Stages; each writes into --out and is skipped when its output is already there (
                 answer with the right final answer is chosen, one with a wrong answer is rejected;
                 optional Dropout Next-Token Prediction pairs (--dntp) for questions every sample got
                 right. --grade steps also asks of a chosen answer (and of a Monte-Carlo
-                continuation) that its final answer follow from its own steps
+                continuation) that its final answer follow from its own steps; --grade counts,
+                and that the counts it states be the pictures'
   4. mpo        python mpo.py --init-from SFT --data pairs/meta.json
   5. prm data   VisualPRM's Monte-Carlo step labels (arXiv 2503.10291 §3): from the prefix that ends
                 at step k, sample M continuations; step k is "+" if any reaches the right answer. A
@@ -142,10 +143,19 @@ def solved(response: str, item: dict, grade: str) -> bool:
     final answer is right (MMPR's correctness pipeline). "steps": and that answer follows from its
     own steps (toyworld.steps_agree). The toy policy often states a wrong count and then writes the
     right total anyway; Monte-Carlo labels assume that later steps follow earlier ones, and such a
-    continuation makes a wrong step "+". Evaluation always grades the final answer."""
+    continuation makes a wrong step "+". "counts": and the counts it states are the pictures' (those
+    of the reference solution), as if the question asked for each count as well as the total: two
+    swapped counts, or two wrong ones that still add up, no longer make a wrong step "+".
+    Evaluation always grades the final answer."""
     if not is_correct(response, item["answer"]):
         return False
-    return grade == "answer" or toyworld.steps_agree(response, item["question"])
+    if grade == "answer":
+        return True
+    agree = toyworld.steps_agree(response, item["question"])
+    if grade == "steps":
+        return agree
+    return agree and (toyworld.stated_counts(split_steps(response))
+                      == toyworld.stated_counts(split_steps(item["reference"])))
 
 
 def make_pairs(rollouts: list[dict], pairs_per_question: int, seed: int, reference: bool = False,
@@ -319,7 +329,7 @@ def main():
     parser.add_argument("--rollout-temperature", type=float, default=0.7,
                         help="sampling temperature of the rollouts and the Monte-Carlo "
                              "continuations")
-    parser.add_argument("--grade", default="steps", choices=["answer", "steps"],
+    parser.add_argument("--grade", default="steps", choices=["answer", "steps", "counts"],
                         help="what counts as a right sample for chosen answers and PRM labels "
                              "(see solved())")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="longest sampled answer")

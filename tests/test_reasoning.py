@@ -50,6 +50,20 @@ def test_grade_steps_rejects_a_right_answer_its_steps_do_not_give():
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [(good, wrong)]
 
 
+def test_grade_counts_rejects_a_right_total_from_wrong_counts():
+    q = "Image-1: <image>\nImage-2: <image>\nHow many shapes are there in total in both images?"
+    first, second = (f"There are {{}} shapes in the {nth} image." for nth in ("first", "second"))
+    reference = f"{first.format(2)}\n\n{second.format(3)}\n\n2 + 3 = 5.\n\nThe answer is 5."
+    swapped = f"{first.format(3)}\n\n{second.format(2)}\n\n3 + 2 = 5.\n\nThe answer is 5."
+    item = {"image": ["a.png", "b.png"], "question": q, "answer": "5", "reference": reference}
+    assert reasoning.solved(swapped, item, "steps")
+    assert not reasoning.solved(swapped, item, "counts")
+    assert reasoning.solved(reference, item, "counts")
+    # a right answer whose steps skip a count gives its total from nothing
+    short = f"{first.format(2)}\n\n2 + 3 = 5.\n\nThe answer is 5."
+    assert reasoning.solved(short, item, "answer") and not reasoning.solved(short, item, "counts")
+
+
 def test_mc_labels_end_each_conversation_at_its_first_minus(monkeypatch):
     """Monte-Carlo labels with a fake sampler: a continuation reaches the right answer unless its
     prefix holds a wrong count. The wrong answer's conversation must stop at that step (no "-" ever
