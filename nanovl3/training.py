@@ -388,4 +388,5 @@ class Session:
         # it (later, GIL held) can deadlock or abort at exit (pytorch/pytorch#56297)
         self.model = None
         if self.ddp:
+            dist.barrier()   # no rank tears the group down while another still uses it
             dist.destroy_process_group()

@@ -106,6 +106,7 @@ def _ddp_worker(rank, port, world, result_dir):
         torch.save({"loss": global_loss, "params": model.state_dict(), "grads": grads},
                    os.path.join(result_dir, "ddp.pt"))
     del ddp   # before the group goes, as train.py does: a reducer freed after it can deadlock gloo
+    dist.barrier()   # as Session.close: no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 
