@@ -187,7 +187,7 @@ def test_report_redraws_the_table_and_names_a_key_older_results_lack(tmp_path):
     def cell(*seeds):
         return A.summarise({"m": list(seeds)})["m"]
     arms = {"token": {}, "sample": {}, "square": {}}
-    for arm, short, long in (("token", 0.70, 0.6), ("sample", 0.72, 0.5), ("square", 0.71, 0.55)):
+    for arm, short, long in (("token", 0.90, 0.6), ("sample", 0.91, 0.5), ("square", 0.71, 0.55)):
         arms[arm] = {"short_answers": cell(short, short), "long_answers": cell(long, long + 0.1)}
     results = {"command": "python -m experiments.ablations --only loss", "machine": "a CPU",
                "seeds": [0, 1], "size": "full", "ablations": {"loss": {"arms": arms}}}
@@ -195,6 +195,15 @@ def test_report_redraws_the_table_and_names_a_key_older_results_lack(tmp_path):
     A.report(tmp_path, None)
     table = (tmp_path / "results.md").read_text()
     assert "| token − sample, long answers | +10.0 ± 0.0 (65.0 vs 55.0) | yes |" in table
+    # the loss rows check their two arms' short answers (LEARNT): both learnt, so within noise is a
+    # no; the square arm below the bar is named but not checked
+    assert "| sample − token, short answers | +1.0 ± 0.0 (91.0 vs 90.0) | no (within noise) |" \
+        in table and "square s0 71%" in table
+    arms["token"]["short_answers"] = cell(0.90, 0.70)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    A.report(tmp_path, None)
+    table = (tmp_path / "results.md").read_text()
+    assert "| yes (an arm did not learn the task) |" in table and "token s1 70%" in table
     old = {f"train {t}, eval {d}": {"images_4": cell(1.0, 1.0), "images_16": cell(0.5, 0.6)}
            for d in A.FIXED_DELTAS for t in (d, "random")}
     results["ablations"] = {"v2pe": {"arms": old}}
