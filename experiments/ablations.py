@@ -25,7 +25,8 @@ Ablations (--only picks some):
           fine-tuning on the task, from the shared native checkpoint.
   loss    InternVL2.5 §4, loss averaging: SFT with token, sample and square averaging on the toy
           mix, whose answers are one word (VQA) or a 5-10 line chain of thought (arithmetic);
-          accuracy on short and on long answers.
+          accuracy on short answers (the one-word types the toy teaches: SHORT_TYPES) and on
+          long ones.
   jpeg    InternVL2.5 §4, random JPEG compression (quality 75-100) in SFT, on and off: fine-tuned
           from the same native checkpoint on a detail task the toy world's flat pictures lack
           ("Which way do the stripes run?" over faint stripes of a 2-px period, finer than JPEG's
