@@ -527,6 +527,9 @@ def draw(name: str, res: dict, out: Path, n_seeds: int):
                         ylabel="accuracy (%)", ymin=0, ymax=100)
     elif name in ("loss", "jpeg"):
         groups = list(next(iter(arms.values())))
+        # with one long type, its own bars would repeat the long answers'
+        if name == "loss" and len(LONG_TYPES) == 1 and f"acc_{LONG_TYPES[0]}" in groups:
+            groups.remove(f"acc_{LONG_TYPES[0]}")
         vals = [[pct(arms[a][g])[0] for a in arms] for g in groups]
         errs = [[pct(arms[a][g])[1] for a in arms] for g in groups]
         title = {"loss": "SFT loss averaging: accuracy by answer length",

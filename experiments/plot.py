@@ -187,6 +187,10 @@ def bar_chart(path, title: str, groups: list[str], series: list[str], values: li
     y_of = _y_axis(img, draw, top, 0.0, ymax, ylabel)
     gw = (RIGHT - LEFT) / len(groups)
     bw = 0.8 * gw / len(series)   # bars fill 80% of their group; the rest separates groups
+    # value labels as large as fit their bars (wider ones would run into the next bar's)
+    labels = [fmt3(v) for vr in values for v in vr]
+    size = next((z for z in (11, 10, 9) if all(draw.textlength(t, font=_font(z)) <= bw - 1
+                                               for t in labels)), 8)
     for g, (vr, er) in enumerate(zip(values, errors)):
         for s, (v, e) in enumerate(zip(vr, er)):
             x0 = LEFT + g * gw + 0.1 * gw + s * bw
@@ -199,7 +203,7 @@ def bar_chart(path, title: str, groups: list[str], series: list[str], values: li
                                fill=PALETTE[s % len(PALETTE)])
             if e > 0:
                 _whisker(draw, cx, y_of(v - e), y_of(v + e))
-            _text(draw, cx, y_of(v + e) - 3, fmt3(v), size=11, va="bottom")
+            _text(draw, cx, y_of(v + e) - 3, fmt3(v), size=size, va="bottom")
     for label, y in reference.items():
         yy = y_of(y)
         for x in range(LEFT, RIGHT, 10):   # dashed: 6 px on, 4 px off
