@@ -89,13 +89,14 @@ SIZES = {
                              "--prm-steps", "80", "--mc", "2"]),
     # V2PE: at lr 1e-3 two of fifteen full arms stayed at 78-86% at the training length (seed 1
     # δ 1/256, seed 2 random); at 5e-4 seed 1's δ 1/256 arm reached 100% (measured). The PRM
-    # trains 4x reasoning.py's 900 steps: the PRM canary's "add k" sum step had a held-out AUC of
-    # 0.66 after 900 steps on 4,000 conversations, 0.96 after 3,600 on 16,000; on the real labels
-    # it still ranks answers at chance (prm_ranking 0.48-0.52 on three seeds; measured)
+    # (results/prm_canary): labels that check each stated count, 6,000 questions (~15,700
+    # conversations) and lr 1e-4; on seed 0 it ranked answers at 0.637 after 3,600 steps and
+    # 0.730 after 7,200 (measured), so it trains 18,000
     "full": dict(pretrain=250, sft=2300, v2pe_sft=400, v2pe_lr=5e-4, v2pe_train=6000,
                  eval_per_type=100, v2pe_eval=50, seeds="0,1,2", jpeg_sft=600, jpeg_train=6000,
                  jpeg_eval=300,
-                 reasoning=["--prm-steps", "3600"]),
+                 reasoning=["--grade", "counts", "--n-train", "6000", "--prm-lr", "1e-4",
+                            "--prm-steps", "18000"]),
 }
 V2PE_ARMS = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/256": 1 / 256, "random": None}
 # the arms with a fixed δ; the random arm is evaluated at each of these δ
