@@ -126,9 +126,12 @@ def resolve_paths(S: Session):
     args.tokenizer = args.tokenizer or (args.init_from if has_tok else d)
 
 
-def build_model(tok: Tokenizer, device) -> InternVL:
-    if args.init_from:
-        model = InternVL.from_pretrained(args.init_from, dtype=torch.float32, device=device)
+def build_model(tok: Tokenizer, device, resumed: str = "") -> InternVL:
+    """The model to train: a resumed run's checkpoint (`resumed`), --init-from's, or a new one of
+    --preset (and then --init-llm-from's language model)."""
+    if resumed or args.init_from:
+        model = InternVL.from_pretrained(resumed or args.init_from, dtype=torch.float32,
+                                         device=device)
     else:
         cfg = preset(args.preset)
         cfg.text.vocab_size = tok.vocab_size  # the tokenizer decides the vocabulary
@@ -141,7 +144,7 @@ def build_model(tok: Tokenizer, device) -> InternVL:
     if tok.vocab_size > cfg.text.vocab_size:
         raise UserError(f"--tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
                         f"{cfg.text.vocab_size}")
-    if args.init_llm_from:
+    if args.init_llm_from and not resumed:
         load_llm_only(model, args.init_llm_from, device)
     cfg.vision.drop_path_rate = args.drop_path
     blocks = model.vision_model.encoder.layers
@@ -317,9 +320,9 @@ with user_errors(), Session(args, RANGES) as S:
     resolve_paths(S)
     tok = Tokenizer.from_dir(args.tokenizer)
     resume_state = load_train_state(os.path.join(args.out_dir, "ckpt")) if args.resume else None
-    if resume_state:  # the checkpoint holds the model as it was
-        args.init_from, args.init_llm_from = os.path.join(args.out_dir, "ckpt"), ""
-    raw = build_model(tok, S.device)
+    # a resumed run starts from its checkpoint, the model as it was; args keep what the run was
+    # asked (its checkpoints record them: experiments/reasoning.py's trained reads them)
+    raw = build_model(tok, S.device, os.path.join(args.out_dir, "ckpt") if resume_state else "")
     raw.train()
     S.wrap(raw)
     lrs = {k: (v if v > 0 else args.lr) for k, v in (("vit", args.lr_vit), ("mlp", args.lr_mlp),

@@ -36,8 +36,10 @@ Ablations (--only picks some):
           seed's SFT checkpoint); how often the PRM ranks a right answer above a wrong one to the
           same question (prm_ranking) says whether its Best-of-N rows measure the claim.
 Arms are cached: one whose directory holds a DONE file with the same command is not run again
-(--redo: rerun all). An arm that several ablations share (pt_native, sft_native) is trained once;
-with --jobs N, the ablations and seeds run side by side, each waiting for the arms it needs, N arms
+(--redo: rerun all); a stopped reasoning arm run again with the same command carries on from its
+finished stages (a session can end inside its hour-long PRM training; train.py writes a checkpoint
+every 100 steps). An arm that several ablations share (pt_native, sft_native) is trained once; with
+--jobs N, the ablations and seeds run side by side, each waiting for the arms it needs, N arms
 training at a time; evaluation stays one at a time.
 Writes <out>/results.json (per arm and seed, mean and spread over seeds, wall times),
 <out>/<ablation>.png and <out>/results.md (the README's table: each paper claim, the toy comparison,
@@ -266,8 +268,11 @@ class Runner:
         threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
         self.env = os.environ if args.jobs == 1 else {"OMP_NUM_THREADS": threads, **os.environ}
 
-    def run(self, name: str, seed: int, cmd: list[str]) -> Path:
-        """Run one arm into <out>/arms/<name>/s<seed> unless its DONE file has the same command."""
+    def run(self, name: str, seed: int, cmd: list[str], resumable: bool = False) -> Path:
+        """Run one arm into <out>/arms/<name>/s<seed> unless its DONE file has the same command.
+        resumable: the arm's script carries on from what a stopped run of it left (reasoning.py:
+        finished stages are skipped, an interrupted training continues), so a stopped arm with the
+        same command keeps its files; any other starts over in an empty directory."""
         d = self.out / "arms" / name / f"s{seed}"
         getattr(self.asked, "dirs", set()).add(str(d))
         with self.lock:
@@ -275,14 +280,14 @@ class Runner:
             job = self.started.setdefault(d, Future())
         if mine:
             try:
-                job.set_result(self._run(name, seed, d, [sys.executable] + cmd))
+                job.set_result(self._run(name, seed, d, [sys.executable] + cmd, resumable))
             except BaseException as e:
                 job.set_exception(e)
         return job.result()
 
-    def _run(self, name: str, seed: int, d: Path, cmd: list[str]) -> Path:
+    def _run(self, name: str, seed: int, d: Path, cmd: list[str], resumable: bool) -> Path:
         key = " ".join(cmd[1:])
-        done = d / "DONE"
+        done, started = d / "DONE", d / "STARTED"
         cached = json.loads(done.read_text()) if done.is_file() and not self.args.redo else {}
         if cached.get("command") == key:
             self.wall[str(d)] = cached["seconds"]
@@ -292,12 +297,16 @@ class Runner:
             with self.lock:
                 if self.failed:
                     raise self.failed
-                if d.exists():
+                resume = (resumable and not self.args.redo and started.is_file()
+                          and started.read_text() == key)
+                if d.exists() and not resume:
                     shutil.rmtree(d)
-                d.mkdir(parents=True)
-                say(f"[{name} s{seed}] {key}")
+                d.mkdir(parents=True, exist_ok=True)
+                started.write_text(key)
+                say(f"[{name} s{seed}] {'resumed: ' * resume}{key}")
                 t = time.time()
-                with open(d / "log.txt", "w") as log:   # (the child keeps its own handle)
+                # (the child keeps its own handle)
+                with open(d / "log.txt", "a" if resume else "w") as log:
                     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                             env=self.env)
                 self.procs.add(proc)
@@ -315,7 +324,8 @@ class Runner:
                 raise self.failed
         seconds = round(time.time() - t, 1)
         self.wall[str(d)] = seconds
-        write_json(done, {"command": key, "seconds": seconds})
+        # a resumed arm's seconds are those of its last run only
+        write_json(done, {"command": key, "seconds": seconds} | ({"resumed": True} if resume else {}))
         say(f"[{name} s{seed}] {seconds:.0f}s")
         return d
 
@@ -474,7 +484,8 @@ def ablation_mpo(R: Runner, seed, world: Path, device):
     sft = R.sft_native(seed)
     out = R.out / "arms" / "reasoning" / f"s{seed}"
     arm = R.run("reasoning", seed, ["-m", "experiments.reasoning", "--sft", str(sft / "ckpt"),
-                                    "--seed", str(seed), "--out", str(out), *R.size["reasoning"]])
+                                    "--seed", str(seed), "--out", str(out), *R.size["reasoning"]],
+                resumable=True)
     res = json.loads((arm / "results.json").read_text())
     m = {"greedy_sft": res["greedy"]["sft"]["accuracy"],
          "greedy_mpo": res["greedy"]["mpo"]["accuracy"], "n_questions": res["greedy"]["sft"]["n"]}

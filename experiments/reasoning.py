@@ -5,7 +5,8 @@ README's tables (run from the repository root):
     python -m experiments.reasoning           # runs/toy/ckpt (python train.py) -> runs/reasoning
     python -m experiments.reasoning --quick   # a smaller, faster version of every stage
 
-Stages; each writes into --out and is skipped when its output is already there (--redo starts over):
+Stages; each writes into --out and is skipped when its output is already there, a training
+stage when it finished the same run (one stopped midway continues; --redo starts over):
   1. questions  chain-of-thought questions about new pictures (counting, adding counts over one or
                 two images): a training set for rollouts and a held-out set, from their own random
                 streams
@@ -277,14 +278,30 @@ def best_of_n_table(samples: list[list[str]], scores: dict, items: list[dict]) -
 
 
 def run(cmd: list[str], log: Path):
-    """A stage in its own process (the scripts users run), its output kept in a log file."""
+    """A stage in its own process (the scripts users run), its output kept in a log file (added
+    to when the stage resumes)."""
     print(f"$ {' '.join(cmd)}   (log: {log})", flush=True)
-    with open(log, "w") as f:
+    with open(log, "a" if "--resume" in cmd else "w") as f:
         p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if p.returncode != 0:
         tail = open(log).read()[-2000:]
         raise UserError(f"stage failed ({' '.join(cmd[:1])}, exit {p.returncode}); "
                         f"the end of {log}:\n{tail}")
+
+
+def trained(ckpt: Path, flags: dict, steps_key: str) -> str | None:
+    """How far a training stage got, from its checkpoint's train_state.pt: "done" when it finished
+    the run that `flags` describe (train.py's or mpo.py's args: steps, lr, data, start, seed),
+    "resume" when it is that run stopped early (an interrupted session; a checkpoint is written
+    every 100 steps and --resume continues it exactly), None when there is none or it is another
+    run's (start over). A checkpoint alone is no sign of a finished stage."""
+    f = ckpt / "train_state.pt"
+    if not f.is_file():
+        return None
+    state = torch.load(f, map_location="cpu", weights_only=False)
+    if any(state["args"].get(k) != v for k, v in flags.items()):
+        return None
+    return "done" if state["step"] >= flags[steps_key] else "resume"
 
 
 # -----------------------------------------------------------------------------
@@ -345,15 +362,30 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     timings, t_all = {}, time.time()
 
-    def stage(name, done: Path, fn):
-        if done.exists() and not args.redo:
-            print(f"[{name}] {done} exists; skipped")
-            return
+    def timed(name, fn):
         t = time.time()
         print(f"[{name}] ...", flush=True)
         fn()
         timings[name] = round(time.time() - t, 1)
         print(f"[{name}] {timings[name]:.0f}s", flush=True)
+
+    def stage(name, done: Path, fn):
+        """A stage that writes files: skipped when its last file is there."""
+        if done.exists() and not args.redo:
+            print(f"[{name}] {done} exists; skipped")
+            return
+        timed(name, fn)
+
+    def training(name, script: str, run_dir: Path, flags: dict, steps_key: str):
+        """A stage that trains, `script` with `flags`: skipped when it finished this run,
+        continued where an interrupted one stopped (trained)."""
+        progress = None if args.redo else trained(run_dir / "ckpt", flags, steps_key)
+        if progress == "done":
+            print(f"[{name}] {run_dir / 'ckpt'} finished this run; skipped")
+            return
+        cmd = [script, *(x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))),
+               "--out-dir", str(run_dir), "--resume" if progress == "resume" else "--overwrite"]
+        timed(name, lambda: run(cmd, out / f"{name}.log"))
 
     stage("questions", out / "questions" / "eval.jsonl",
           lambda: make_questions(out, args.n_train, args.n_eval, args.seed))
@@ -379,11 +411,9 @@ def main():
         write_jsonl(out / "pairs" / "pairs.jsonl", rows)
         meta(out / "pairs" / "meta.json", "pairs.jsonl", length=len(rows))
     stage("pairs", out / "pairs" / "meta.json", pairs)
-    stage("mpo", out / "mpo" / "ckpt" / "config.json", lambda: run(
-        ["mpo.py", "--init-from", args.sft, "--data", str(out / "pairs" / "meta.json"), "--out-dir",
-         str(out / "mpo"), "--steps", str(args.mpo_steps), "--lr", str(args.mpo_lr), "--seed",
-         str(args.seed), "--overwrite"],
-        out / "mpo.log"))
+    training("mpo", "mpo.py", out / "mpo",
+             dict(init_from=args.sft, data=str(out / "pairs" / "meta.json"), steps=args.mpo_steps,
+                  lr=args.mpo_lr, seed=args.seed), "steps")
 
     def prm_data():
         rows = mc_labels(*load(args.sft), out, rolls, args.prm_per_question, args.mc, args.seed,
@@ -391,11 +421,10 @@ def main():
         write_jsonl(out / "prm" / "prm.jsonl", rows)
         meta(out / "prm" / "meta.json", "prm.jsonl", length=len(rows))
     stage("prm data", out / "prm" / "meta.json", prm_data)
-    stage("prm", out / "prm_ckpt" / "ckpt" / "config.json", lambda: run(
-        ["train.py", "--stage", "sft", "--init-from", args.sft, "--sft-meta",
-         str(out / "prm" / "meta.json"), "--out-dir", str(out / "prm_ckpt"), "--sft-steps",
-         str(args.prm_steps), "--lr", str(args.prm_lr), "--eval-per-type", "0", "--seed",
-         str(args.seed), "--overwrite"], out / "prm.log"))
+    training("prm", "train.py", out / "prm_ckpt",
+             dict(stage="sft", init_from=args.sft, sft_meta=str(out / "prm" / "meta.json"),
+                  sft_steps=args.prm_steps, lr=args.prm_lr, eval_per_type=0, seed=args.seed),
+             "sft_steps")
 
     # ---- 7. evaluation
     t = time.time()

@@ -104,6 +104,29 @@ def test_runner_trains_a_shared_arm_once_and_stops_at_the_first_failure(tmp_path
     assert not (tmp_path / "arms" / "slow" / "s0" / "DONE").exists()
 
 
+def test_a_stopped_resumable_arm_keeps_its_files_and_any_other_starts_over(tmp_path):
+    """An arm whose script carries on from what it left (reasoning.py) keeps its directory when
+    the same command runs again after a stop; another arm starts in an empty one. The arm here
+    adds a mark to a file in its directory and fails until it finds two."""
+    def arm(name):
+        marks = tmp_path / "arms" / name / "s0" / "marks.txt"
+        return ["-c", f"import pathlib, sys; p = pathlib.Path({str(marks)!r}); "
+                      "p.write_text((p.read_text() if p.exists() else '') + 'x'); "
+                      "sys.exit(len(p.read_text()) < 2)"]
+
+    def runner():
+        return A.Runner(argparse.Namespace(out=str(tmp_path), jobs=1, redo=False),
+                        A.SIZES["smoke"], tmp_path)
+    for name, resumable in (("resumable", True), ("other", False)):
+        with pytest.raises(UserError, match=f"arm {name} seed 0 failed"):
+            runner().run(name, 0, arm(name), resumable=resumable)
+    d = runner().run("resumable", 0, arm("resumable"), resumable=True)
+    assert (d / "marks.txt").read_text() == "xx" and json.loads((d / "DONE").read_text())["resumed"]
+    with pytest.raises(UserError, match="arm other seed 0 failed"):   # one mark again, never two
+        runner().run("other", 0, arm("other"))
+    assert (tmp_path / "arms" / "other" / "s0" / "marks.txt").read_text() == "x"
+
+
 @pytest.mark.slow
 def test_a_failed_arm_is_a_clear_error(small_world, tmp_path):
     r = subprocess.run(ABLATIONS + ["--size", "smoke", "--data-dir", str(small_world), "--out",

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from experiments import reasoning
 from nanovl3.critic import is_correct
@@ -64,6 +65,25 @@ def test_grade_counts_rejects_a_right_total_from_wrong_counts():
     assert reasoning.solved(short, item, "answer") and not reasoning.solved(short, item, "counts")
 
 
+def test_trained_tells_a_finished_stage_from_a_stopped_one_and_from_another_run(tmp_path):
+    """A training stage is done only when its checkpoint finished the same run: one written at
+    step 3 of 10 (a session stopped mid-run; train.py checkpoints every 100 steps) is continued,
+    and a finished run with another learning rate is no reason to skip."""
+    ckpt, flags = tmp_path / "ckpt", {"sft_steps": 10, "lr": 1e-4, "seed": 0}
+    ckpt.mkdir()
+
+    def stopped_at(step, **args):
+        torch.save({"stage": "sft", "step": step, "args": {**flags, "ckpt_interval": 100, **args}},
+                   ckpt / "train_state.pt")
+    assert reasoning.trained(ckpt, flags, "sft_steps") is None   # no checkpoint yet
+    stopped_at(3)
+    assert reasoning.trained(ckpt, flags, "sft_steps") == "resume"
+    stopped_at(10)
+    assert reasoning.trained(ckpt, flags, "sft_steps") == "done"
+    stopped_at(10, lr=1e-3)
+    assert reasoning.trained(ckpt, flags, "sft_steps") is None
+
+
 def test_mc_labels_end_each_conversation_at_its_first_minus(monkeypatch):
     """Monte-Carlo labels with a fake sampler: a continuation reaches the right answer unless its
     prefix holds a wrong count. The wrong answer's conversation must stop at that step (no "-" ever
@@ -105,12 +125,13 @@ def test_best_of_n_table_counts_disjoint_groups():
 
 @pytest.mark.slow
 def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "experiments.reasoning", "--sft", str(untrained_ckpt),
-                        "--out", str(tmp_path), "--n-train", "4", "--n-eval", "3",
-                        "--rollouts", "2", "--mpo-steps", "2", "--prm-steps", "2", "--mc", "1",
-                        "--prm-lr", "2e-4", "--max-new-tokens", "12",
-                        "--reference-chosen",  # a random model is never right: reference answers
-                        "--dntp"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    cmd = [sys.executable, "-m", "experiments.reasoning", "--sft", str(untrained_ckpt),
+           "--out", str(tmp_path), "--n-train", "4", "--n-eval", "3",
+           "--rollouts", "2", "--mpo-steps", "2", "--prm-steps", "2", "--mc", "1",
+           "--prm-lr", "2e-4", "--max-new-tokens", "12",
+           "--reference-chosen",  # a random model is never right: reference answers
+           "--dntp"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.load(open(tmp_path / "results.json"))
     assert set(res["greedy"]) == {"sft", "mpo"} and res["questions"] == {"train": 4, "eval": 3}
@@ -122,3 +143,18 @@ def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
     assert (tmp_path / "prm_ckpt" / "ckpt" / "config.json").is_file()
     assert '"lr": 0.0002,' in (tmp_path / "prm.log").read_text()   # --prm-lr reaches train.py
     assert "Best-of-N" in r.stdout
+
+    # a session stopped after the PRM's first step: the same command continues that training
+    prm = next(line for line in r.stdout.splitlines() if line.startswith("$ train.py"))
+    prm = prm[2:].split("   (log:")[0].split()
+    subprocess.run([sys.executable, *prm, "--max-steps", "1", "--ckpt-interval", "1"], cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"[mpo] {tmp_path.resolve() / 'mpo' / 'ckpt'} finished this run; skipped" in again.stdout
+    assert "--resume" in next(line for line in again.stdout.splitlines()
+                              if line.startswith("$ train.py"))
+    assert "resumed sft at step 1" in (tmp_path / "prm.log").read_text()
+    # and the finished checkpoint records the run as asked, so the next time finds it done
+    state = torch.load(tmp_path / "prm_ckpt" / "ckpt" / "train_state.pt", weights_only=False)
+    assert state["step"] == 2 and state["args"]["init_from"] == str(untrained_ckpt)
