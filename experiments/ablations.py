@@ -92,13 +92,13 @@ SIZES = {
     # V2PE: at lr 1e-3 two of fifteen full arms stayed at 78-86% at the training length (seed 1
     # δ 1/256, seed 2 random); at 5e-4 seed 1's δ 1/256 arm reached 100% (measured). The PRM
     # (results/prm_canary): labels that check each stated count, 6,000 questions (~15,700
-    # conversations) and lr 1e-4; on seed 0 it ranked answers at 0.637 after 3,600 steps and
-    # 0.730 after 7,200 (measured), so it trains 18,000
+    # conversations) and lr 1e-4; on seed 0 it ranked answers at 0.637 after 3,600 steps, 0.730
+    # after 7,200 and 0.728 after 18,000 (measured), so it trains 7,200
     "full": dict(pretrain=250, sft=2300, v2pe_sft=400, v2pe_lr=5e-4, v2pe_train=6000,
                  eval_per_type=100, v2pe_eval=50, seeds="0,1,2", jpeg_sft=600, jpeg_train=6000,
                  jpeg_eval=300,
                  reasoning=["--grade", "counts", "--n-train", "6000", "--prm-lr", "1e-4",
-                            "--prm-steps", "18000"]),
+                            "--prm-steps", "7200"]),
 }
 V2PE_ARMS = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/256": 1 / 256, "random": None}
 # the arms with a fixed δ; the random arm is evaluated at each of these δ
