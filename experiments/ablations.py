@@ -539,7 +539,7 @@ def draw(name: str, res: dict, out: Path, n_seeds: int):
                         ylabel="accuracy (%)", ymin=0, ymax=100)
     elif name in ("loss", "jpeg"):
         groups = list(next(iter(arms.values())))
-        # with one long type, its own bars would repeat the long answers'
+        # with one long type, its own bars would repeat the long answers' bars
         if name == "loss" and len(LONG_TYPES) == 1 and f"acc_{LONG_TYPES[0]}" in groups:
             groups.remove(f"acc_{LONG_TYPES[0]}")
         vals = [[pct(arms[a][g])[0] for a in arms] for g in groups]
