@@ -34,7 +34,8 @@ Ablations (--only picks some):
           quality 40 and 10, beside a pixel check with no model (what the pictures still show).
   mpo     MPO vs SFT only, and Best-of-N with the toy VisualPRM (experiments/reasoning.py on each
           seed's SFT checkpoint); how often the PRM ranks a right answer above a wrong one to the
-          same question (prm_ranking) says whether its Best-of-N rows measure the claim.
+          same question (prm_ranking) says whether its Best-of-N rows measure the claim (but a
+          yes against N = 1 or majority voting, which a PRM that ranks like a coin cannot cause).
 Arms are cached: one whose directory holds a DONE file with the same command is not run again
 (--redo: rerun all); a stopped reasoning arm run again with the same command carries on from its
 finished stages (a session can end inside its hour-long PRM training; train.py writes a checkpoint
@@ -717,9 +718,12 @@ def jpeg_change(metrics) -> dict:
 
 
 # what each paper reports, and the toy comparison that would agree with it: (label, toy value, toy
-# baseline, want, checked) rows whose difference should be > 0 ("higher") or not below the noise
+# baseline, want, checked) rows whose difference should be > 0 ("higher", or COIN: higher, and an
+# arm that did not learn its task could only have lowered it) or not below the noise
 # ("comparable"); "within noise" when it is smaller than its spread over seeds or than NOISE_FLOOR.
-# checked: the arms that must have learnt their task (LEARNT) for the row to say anything
+# checked: the arms that must have learnt their task (LEARNT) for the row to say anything (for a
+# COIN row: anything but yes)
+COIN = "higher than a coin"
 V2PE_NONE = "train 1, eval 1"
 JPEG_ARMS = ("JPEG augmentation", "no augmentation")
 LOSS_ARMS = ("token", "sample")
@@ -755,16 +759,21 @@ CLAIMS = {
                         (f"with − without, change from clean to q={JPEG_QUALITIES[-1]}",
                          jpeg_change(a["JPEG augmentation"]), jpeg_change(a["no augmentation"]),
                          "higher", JPEG_ARMS)]),
-    # MPO − SFT compares two trained policies; the Best-of-N rows need a PRM that ranks answers
+    # MPO − SFT compares two trained policies; the Best-of-N rows need a PRM that ranks answers.
+    # A PRM that ranks like a coin picks like N = 1 and weights a vote at random (majority voting
+    # with noise), so it can only lower a row that compares it with N = 1 or with majority voting
+    # (COIN): such a row's "yes" stands whatever the PRM's ranking; not so the weighted vote's
+    # N = 8 − N = 1, which majority voting alone raises
     "mpo": ("InternVL3 §2.4: MPO beats SFT on reasoning; Best-of-N with VisualPRM rises with N and "
             "beats self-consistency",
             lambda a: [("MPO − SFT, greedy", a["reasoning"]["greedy_mpo"],
                         a["reasoning"]["greedy_sft"], "higher", ()),
                        *[(f"{name} N=8 − N=1", a["reasoning"][f"{c}_N8"],
-                          a["reasoning"][f"{c}_N1"], "higher", ("reasoning",))
+                          a["reasoning"][f"{c}_N1"], COIN if c == "prm" else "higher",
+                          ("reasoning",))
                          for c, name in MPO_CRITICS.items()],
                        *[(f"{name} − majority, N=8", a["reasoning"][f"{c}_N8"],
-                          a["reasoning"]["majority_N8"], "higher", ("reasoning",))
+                          a["reasoning"]["majority_N8"], COIN, ("reasoning",))
                          for c, name in MPO_CRITICS.items()]]),
 }
 
@@ -814,7 +823,8 @@ def learnt(name: str, arms: dict, checked) -> bool | None:
 def verdict(cell, base, want: str, learnt: bool | None = None) -> str:
     """yes / no, or within noise; learnt (the arms the row checks learnt their task: LEARNT) turns
     within noise into "no (within noise)", the claim's effect absent; not learnt qualifies any
-    verdict, as arms that did not learn their task measure how far each got, not the claim."""
+    verdict, as arms that did not learn their task measure how far each got, not the claim, but
+    the yes of a COIN row (what did not learn could only have lowered it)."""
     diff, spread = paired(cell, base)
     noise = max(spread, NOISE_FLOOR)
     if want == "comparable":
@@ -823,7 +833,8 @@ def verdict(cell, base, want: str, learnt: bool | None = None) -> str:
         said = "yes" if diff > 0 else "no"
     else:
         said = "no (within noise)" if learnt else "within noise"
-    return said + (" (an arm did not learn the task)" if learnt is False else "")
+    qualified = learnt is False and not (want == COIN and said == "yes")
+    return said + (" (an arm did not learn the task)" if qualified else "")
 
 
 def markdown(results: dict) -> str:

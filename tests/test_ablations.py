@@ -178,6 +178,17 @@ def test_within_noise_is_a_no_only_where_the_compared_arms_learnt_the_task():
     assert A.verdict(cell(0.80, 0.60), cell(0.70, 0.50), "higher", learnt=False) == \
         "yes (an arm did not learn the task)"
     assert A.verdict(cell(0.80, 0.60), cell(0.70, 0.50), "higher", learnt=True) == "yes"
+    # a critic that ranks like a coin can only lower a COIN row: its yes stands, nothing else
+    assert A.verdict(cell(0.80, 0.60), cell(0.70, 0.50), A.COIN, learnt=False) == "yes"
+    assert A.verdict(cell(0.70, 0.50), cell(0.80, 0.60), A.COIN, learnt=False) == \
+        "no (an arm did not learn the task)"
+    assert A.verdict(*same, A.COIN, learnt=False) == "within noise (an arm did not learn the task)"
+    # ... and of the Best-of-N rows, all but the weighted vote's N = 8 − N = 1 (majority rises)
+    bon = {k: cell(0.5, 0.6) for k in ("greedy_mpo", "greedy_sft", "majority_N8")
+           } | {f"{c}_N{n}": cell(0.5, 0.6) for c in A.MPO_CRITICS for n in (1, 8)}
+    wants = {r[0]: r[3] for r in A.CLAIMS["mpo"][1]({"reasoning": bon})}
+    assert [w == A.COIN for w in wants.values()] == [False, True, False, True, True]
+    assert wants["PRM-weighted vote N=8 − N=1"] == "higher"
     arms = {"JPEG augmentation": {"clean": cell(0.66, 1.0)},
             "no augmentation": {"clean": cell(1.0, 0.96)},
             "pixel check (no model)": {"jpeg_q10": cell(0.7, 0.7)}}
