@@ -822,9 +822,9 @@ def learnt(name: str, arms: dict, checked) -> bool | None:
 
 def verdict(cell, base, want: str, learnt: bool | None = None) -> str:
     """yes / no, or within noise; learnt (the arms the row checks learnt their task: LEARNT) turns
-    within noise into "no (within noise)", the claim's effect absent; not learnt qualifies any
-    verdict, as arms that did not learn their task measure how far each got, not the claim, but
-    the yes of a COIN row (what did not learn could only have lowered it)."""
+    within noise into "no (within noise)", the claim's effect absent; not learnt qualifies every
+    verdict but a COIN row's yes (what did not learn could only have lowered it), as arms that did
+    not learn their task measure how far each got, not the claim."""
     diff, spread = paired(cell, base)
     noise = max(spread, NOISE_FLOOR)
     if want == "comparable":
