@@ -9,7 +9,7 @@ Stages; each writes into --out and is skipped when its output is already there, 
 stage when it finished the same run (one stopped midway continues; --redo starts over):
   1. questions  chain-of-thought questions about new pictures (counting, adding counts over one or
                 two images): a training set for rollouts and a held-out set, from their own random
-                streams
+                streams (so another --n-eval evaluates a finished run on more or fewer questions)
   2. rollouts   K answers per training question, sampled from the SFT checkpoint
   3. pairs      the MMPR correctness pipeline (InternVL2.5-MPO arXiv 2411.10442 §3.1): a sampled
                 answer with the right final answer is chosen, one with a wrong answer is rejected;
@@ -387,9 +387,22 @@ def main():
                "--out-dir", str(run_dir), "--resume" if progress == "resume" else "--overwrite"]
         timed(name, lambda: run(cmd, out / f"{name}.log"))
 
-    stage("questions", out / "questions" / "eval.jsonl",
+    # a finished run may be evaluated on more (or fewer) held-out questions: the training split
+    # comes from its own stream, so it stays as the later stages saw it; another --n-train would not
+    questions = out / "questions"
+    if (questions / "eval.jsonl").exists() and not args.redo:
+        have = {split: len(rows_of(questions / f"{split}.jsonl")) for split in ("train", "eval")}
+        if have["train"] != args.n_train:
+            raise UserError(f"--n-train {args.n_train}: {questions / 'train.jsonl'} holds "
+                            f"{have['train']} questions, which the later stages in {out} came "
+                            "from (--redo, or another --out)")
+        if have["eval"] != args.n_eval:
+            print(f"[questions] --n-eval {args.n_eval}: the held-out split had {have['eval']}; "
+                  "made again")
+            (questions / "eval.jsonl").unlink()
+    stage("questions", questions / "eval.jsonl",
           lambda: make_questions(out, args.n_train, args.n_eval, args.seed))
-    train_q, eval_q = (rows_of(out / "questions" / f"{split}.jsonl") for split in ("train", "eval"))
+    train_q, eval_q = (rows_of(questions / f"{split}.jsonl") for split in ("train", "eval"))
 
     def rollouts():
         model, tok = load(args.sft)

@@ -120,8 +120,13 @@ def test_a_stopped_resumable_arm_keeps_its_files_and_any_other_starts_over(tmp_p
     for name, resumable in (("resumable", True), ("other", False)):
         with pytest.raises(UserError, match=f"arm {name} seed 0 failed"):
             runner().run(name, 0, arm(name), resumable=resumable)
-    d = runner().run("resumable", 0, arm("resumable"), resumable=True)
+    R = runner()
+    d = R.run("resumable", 0, arm("resumable"), resumable=True)
     assert (d / "marks.txt").read_text() == "xx" and json.loads((d / "DONE").read_text())["resumed"]
+    # its seconds are its last run's only, and the table says so, from the cache too
+    cached = runner()
+    assert cached.run("resumable", 0, arm("resumable"), resumable=True) == d
+    assert R.resumed == cached.resumed == {str(d)}
     with pytest.raises(UserError, match="arm other seed 0 failed"):   # one mark again, never two
         runner().run("other", 0, arm("other"))
     assert (tmp_path / "arms" / "other" / "s0" / "marks.txt").read_text() == "x"
@@ -234,10 +239,12 @@ def test_report_redraws_the_table_and_names_a_key_older_results_lack(tmp_path):
     assert "| sample − token, short answers | +1.0 ± 0.0 (91.0 vs 90.0) | no (within noise) |" \
         in table and "square s0 71%" in table
     arms["token"]["short_answers"] = cell(0.90, 0.70)
+    results |= {"arms_seconds": 600, "resumed_arms": 2}
     (tmp_path / "results.json").write_text(json.dumps(results))
     A.report(tmp_path, None)
     table = (tmp_path / "results.md").read_text()
     assert "| yes (an arm did not learn the task) |" in table and "token s1 70%" in table
+    assert "the arms trained for 10 min (2 resumed arm(s): their last run only)" in table
     old = {f"train {t}, eval {d}": {"images_4": cell(1.0, 1.0), "images_16": cell(0.5, 0.6)}
            for d in A.FIXED_DELTAS for t in (d, "random")}
     results["ablations"] = {"v2pe": {"arms": old}}

@@ -123,6 +123,18 @@ def test_best_of_n_table_counts_disjoint_groups():
     assert table["pass@N"]["4"] == 1.0 and table["pass@N"]["2"] == pytest.approx(2 / 4)
 
 
+def test_more_held_out_questions_leave_the_training_questions_and_the_first_ones_as_they_were(
+        tmp_path):
+    reasoning.make_questions(tmp_path / "a", n_train=5, n_eval=3, seed=0)
+    reasoning.make_questions(tmp_path / "b", n_train=5, n_eval=6, seed=0)
+    a, b = (tmp_path / x / "questions" for x in "ab")
+    assert (a / "train.jsonl").read_text() == (b / "train.jsonl").read_text()
+    first = reasoning.rows_of(a / "eval.jsonl")
+    assert reasoning.rows_of(b / "eval.jsonl")[:3] == first and len(first) == 3
+    for path in first[0]["image"]:   # the same pictures behind the same paths
+        assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
+
+
 @pytest.mark.slow
 def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
     cmd = [sys.executable, "-m", "experiments.reasoning", "--sft", str(untrained_ckpt),
@@ -158,3 +170,15 @@ def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
     # and the finished checkpoint records the run as asked, so the next time finds it done
     state = torch.load(tmp_path / "prm_ckpt" / "ckpt" / "train_state.pt", weights_only=False)
     assert state["step"] == 2 and state["args"]["init_from"] == str(untrained_ckpt)
+
+    # the finished run evaluated on more held-out questions: only the questions and evaluation run
+    more = subprocess.run([*cmd, "--n-eval", "5"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900)
+    assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-2000:]
+    assert json.load(open(tmp_path / "results.json"))["questions"] == {"train": 4, "eval": 5}
+    assert "$ " not in more.stdout and "[rollouts] " in more.stdout and "skipped" in more.stdout
+    # other training questions would leave the later stages stale: one line, nothing run
+    other = subprocess.run([*cmd, "--n-train", "6"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=300)
+    assert other.returncode != 0 and "--n-train 6" in other.stderr
+    assert "Traceback" not in other.stderr and len(other.stderr.strip().splitlines()) == 1
