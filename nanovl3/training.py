@@ -8,9 +8,11 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -272,6 +274,25 @@ def claim_out_dir(args, rank: int):
                 os.remove(os.path.join(args.out_dir, f))
 
 
+@contextmanager
+def ctrl_c_after():
+    """Ctrl-C (SIGINT) during the block takes effect when it ends, so that the block runs whole.
+    Only where Ctrl-C raises KeyboardInterrupt, Python's default (not where it is ignored), and in
+    the main thread (the only one that may set a handler)."""
+    if (signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 class Session:
     """One training process: torchrun state, the model as trained (checkpointed, FSDP-sharded or
     DDP-wrapped, compiled: as asked), autocast, the logger, saving and resuming. The loop calls
@@ -362,10 +383,11 @@ class Session:
         the same for one process, DDP and FSDP: simple, and a full copy fits one host's RAM at the
         sizes this trains (shards per rank would only pay off beyond that)."""
         optim = get_optimizer_state_dict(self.raw, optimizer, options=FULL)
-        save_run(path, self.full_model(), tok, stream, {**train_state, "optimizer": optim,
-                                                        "metrics_bytes": self.logger.size()},
-                 self.rank, self.world)
-        self.saved = f"{path} ({train_state['stage']} step {train_state['step']})"
+        with ctrl_c_after():   # the checkpoint on disk and the note of it, for interrupted()
+            save_run(path, self.full_model(), tok, stream, {**train_state, "optimizer": optim,
+                                                            "metrics_bytes": self.logger.size()},
+                     self.rank, self.world)
+            self.saved = f"{path} ({train_state['stage']} step {train_state['step']})"
 
     def restore(self, state: dict, optimizer, stream):
         """The other half of save: data cursor and RNG of this rank, then its optimizer state."""

@@ -23,6 +23,7 @@ from nanovl3.config import preset
 from nanovl3.data import DataConfig, SampleStream, collate_packed, read_meta
 from nanovl3.losses import lm_loss, loss_weight_sum
 from nanovl3.model import InternVL
+from nanovl3.training import ctrl_c_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -214,6 +215,28 @@ def test_out_dir_of_another_run_needs_resume_or_overwrite(world, tmp_path):
     r = train(*small_args(world, out, "--stage", "sft", "--overwrite"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert [n for _, n, _ in losses(out)] == [1, 2, 3, 4]  # the old run's lines are gone
+
+
+def test_ctrl_c_during_a_checkpoint_takes_effect_once_it_is_written():
+    """Session.save runs in ctrl_c_after: a Ctrl-C that lands between the checkpoint's rename and
+    the note of it would otherwise say "no checkpoint was written yet" beside one on disk."""
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)   # the signal is handled here, between bytecodes
+            written.append("ckpt")
+    assert written == ["ckpt"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with ctrl_c_after():   # no Ctrl-C: nothing raised
+        written.append("again")
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)   # a background job's: left alone
+    try:
+        with ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    assert written == ["ckpt", "again"]
 
 
 @pytest.mark.slow
