@@ -19,7 +19,8 @@ experiments/reasoning.py's mc_labels):
   count the toy's count step with its picture: "There are m shapes in the image.", "+" iff the
         picture shows m shapes (count_item): what only the picture decides
 --mistakes N: where the --sft policy's wrong answers go wrong (first_mistakes).
---audit RUN: how far a reasoning run's Monte-Carlo labels follow the reference (label_audit).
+--audit RUN: how far a reasoning run's Monte-Carlo labels follow the reference (label_audit), and
+how well its PRM's held-out step scores tell right steps from wrong (score_audit).
 Writes <out>/results.json; the published run: experiments/results/prm_canary/."""
 
 import argparse
@@ -449,6 +450,45 @@ def label_audit(run: Path) -> dict:
     return {"run": str(run), "steps": steps_of, "right_answer_wrong_steps": answers}
 
 
+def score_audit(run: Path) -> dict:
+    """How well a reasoning run's PRM tells right steps from wrong on the held-out questions
+    (<run>/best_of_n.jsonl, in the order of questions/eval.jsonl), where training asked it to: at
+    a step whose earlier steps are right (a PRM conversation ends at its first "-"; scoring puts "+"
+    in the earlier turns). A step is right iff it is the reference's (as in label_audit); a sample
+    counts up to its first wrong step. By question type and kind of step: the AUC of right over
+    wrong among the k-th steps of one question's samples, and the share of those steps that are
+    right (how often the policy makes the step well)."""
+    path, questions = run / "best_of_n.jsonl", rows_of(run / "questions" / "eval.jsonl")
+    groups = {}   # (type, kind) -> {(question, k): ([right scores], [wrong scores])}
+    for i, (lineno, row) in enumerate(read_jsonl(path)):
+        q = questions[i] if i < len(questions) else None
+        if q is None or q["question"] != row["question"] or q["answer"] != row["answer"]:
+            raise UserError(f"{path}:{lineno}: not held-out question {i + 1} of "
+                            f"{run / 'questions' / 'eval.jsonl'}")
+        ref = split_steps(q["reference"])
+        for answer in row["samples"]:
+            steps = split_steps(answer["response"])
+            leaves = departure(steps, ref)
+            for k, (step, score) in enumerate(zip(steps, answer["step_scores"])):
+                if k > leaves:
+                    break
+                cell = groups.setdefault((q["type"], step_kind(step)), {})
+                cell.setdefault((i, k), ([], []))[0 if k < leaves else 1].append(score)
+    res = {}
+    for (qtype, kind), cell in sorted(groups.items()):
+        n_right = sum(len(r) for r, _ in cell.values())
+        n = n_right + sum(len(w) for _, w in cell.values())
+        res.setdefault(qtype, {})[kind] = {"auc": pooled_auc(cell.values()), "n": n,
+                                           "right": round(n_right / n, 3)}
+    print("[audit] the PRM's held-out step scores after right steps: AUC within a question's k-th "
+          "steps (share of right steps of the n):")
+    for qtype, kinds in res.items():
+        print(f"  {qtype}: " + ", ".join(
+            f"{kind} {'-' if c['auc'] is None else format(c['auc'], '.2f')} "
+            f"({c['right']:.2f} of {c['n']})" for kind, c in kinds.items()))
+    return res
+
+
 def first_mistakes(args) -> dict:
     """Where the --sft policy's wrong answers first leave the reference solution: 8 samples at
     temperature 0.7 (the rollouts') to each of --mistakes new questions; the first step that differs
@@ -502,7 +542,8 @@ def main():
                              "do the wrong ones first leave the reference solution?")
     parser.add_argument("--audit", default="",
                         help="an experiments.reasoning --out directory: how far its Monte-Carlo "
-                             "labels follow the reference solution (label_audit)")
+                             "labels follow the reference solution (label_audit), and its PRM's "
+                             "held-out step scores (score_audit)")
     parser.add_argument("--results", default="", help="also write results.json here")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]  # "" runs no canary (only --real)
@@ -516,7 +557,10 @@ def main():
     if args.mistakes:
         res["mistakes"] = first_mistakes(args)
     if args.audit:
-        res["audit"] = label_audit(Path(args.audit).resolve())
+        run = Path(args.audit).resolve()
+        res["audit"] = label_audit(run)
+        if (run / "best_of_n.jsonl").is_file():   # the run got as far as scoring
+            res["audit"]["held_out_scores"] = score_audit(run)
     for path in [Path(args.out) / "results.json"] + ([Path(args.results)] if args.results else []):
         write_json(path.resolve(), res)
 

@@ -151,6 +151,36 @@ def test_label_audit_holds_the_labels_against_the_reference(tmp_path):
         prm_canary.label_audit(tmp_path)
 
 
+def test_score_audit_compares_the_kth_steps_of_one_questions_samples_after_right_steps(tmp_path):
+    """Held-out step scores against the reference, as the PRM was trained: a sample counts up to
+    its first wrong step, and the AUC compares only the k-th steps of one question's samples (a
+    PRM whose later steps all score higher is not credited for it)."""
+    two = "Image-1: <image>\nImage-2: <image>\nHow many shapes are there in total in both images?"
+    ref = ["There are 2 shapes in the first image.", "There is 1 shape in the second image.",
+           "2 + 1 = 3.", "The answer is 3."]
+    q = {"image": ["a.png", "b.png"], "question": two, "answer": "3", "type": "arith_two",
+         "reference": "\n\n".join(ref)}
+    first_wrong = ["There are 3 shapes in the first image.", ref[1], "3 + 1 = 4.",
+                   "The answer is 4."]
+    second_wrong = ref[:1] + ["There are 2 shapes in the second image.", "2 + 2 = 4.",
+                              "The answer is 4."]
+    samples = [(ref, [0.2, 0.5, 0.8, 0.9]), (first_wrong, [0.1, 0.9, 0.9, 0.9]),
+               (second_wrong, [0.3, 0.4, 0.9, 0.9])]
+    write_jsonl(tmp_path / "questions" / "eval.jsonl", [q])
+    write_jsonl(tmp_path / "best_of_n.jsonl", [{"question": two, "answer": "3", "samples": [
+        {"response": "\n\n".join(steps), "correct": False, "step_scores": scores}
+        for steps, scores in samples]}])
+    res = prm_canary.score_audit(tmp_path)["arith_two"]
+    # first counts 0.2, 0.3 (right) > 0.1; second counts 0.5 > 0.4; the first_wrong sample's
+    # second count (0.9) comes after a wrong step. Pooled over both positions: 4 of 6 pairs
+    assert res["count (picture)"] == {"auc": 1.0, "n": 5, "right": 0.6}
+    assert res["sum (text)"] == {"auc": None, "n": 1, "right": 1.0}   # one sample got that far
+    q["answer"] = "4"   # best_of_n.jsonl from another run's questions
+    write_jsonl(tmp_path / "questions" / "eval.jsonl", [q])
+    with pytest.raises(UserError, match="best_of_n.jsonl:1: not held-out question 1"):
+        prm_canary.score_audit(tmp_path)
+
+
 @pytest.mark.slow
 def test_the_experiment_runs_end_to_end(untrained_ckpt, tmp_path):
     """python -m experiments.prm_canary at a tiny size: canary and real-label PRMs via train.py."""

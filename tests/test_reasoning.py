@@ -176,6 +176,14 @@ def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
                           timeout=900)
     assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-2000:]
     assert json.load(open(tmp_path / "results.json"))["questions"] == {"train": 4, "eval": 5}
+    # the PRM canary's audit reads the run: its labels, and its PRM's scores on all 5 questions
+    subprocess.run([sys.executable, "-m", "experiments.prm_canary", "--tasks", "", "--audit",
+                    str(tmp_path), "--out", str(tmp_path / "audit")], check=True, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    scores = json.load(open(tmp_path / "audit" / "results.json"))["audit"]["held_out_scores"]
+    assert sum(c["n"] for kinds in scores.values() for c in kinds.values()) == sum(
+        len(s["step_scores"]) for line in open(tmp_path / "best_of_n.jsonl")
+        for s in json.loads(line)["samples"])
     assert "$ " not in more.stdout and "[rollouts] " in more.stdout and "skipped" in more.stdout
     # other training questions would leave the later stages stale: one line, nothing run
     other = subprocess.run([*cmd, "--n-train", "6"], capture_output=True, text=True, cwd=ROOT,
