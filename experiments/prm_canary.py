@@ -35,8 +35,8 @@ from statistics import mean
 import torch
 
 from data import toyworld
-from experiments.reasoning import (load, make_questions, mc_labels, meta, rows_of, run, sample,
-                                   tiles_of)
+from experiments.reasoning import (load, make_questions, mc_labels, meta, one_off, rows_of, run,
+                                   sample, tiles_of)
 from nanovl3.chat import render_prompt
 from nanovl3.common import UserError, read_jsonl, user_errors, write_json, write_jsonl
 from nanovl3.critic import (MINUS, PLUS, is_correct, prm_conversation, prm_step_scores,
@@ -88,7 +88,7 @@ def count_item(rng: random.Random, bank: toyworld.ImageBank, p_good: float = 0.6
     count is one off, the toy policy's usual slip; "+" iff the count is right."""
     n = rng.randint(1, 5)
     scene = toyworld.sample_scene(rng, [toyworld.random_spec(rng) for _ in range(n)])
-    said = n if rng.random() < p_good else rng.choice([m for m in (n - 1, n + 1) if 1 <= m <= 5])
+    said = one_off(rng, n, p_good)
     return {"image": [bank.add(scene)],
             "question": toyworld.image_tags(1) + f"How many shapes are there? {toyworld.COT_SUFFIX}",
             "steps": [f"{toyworld.there_are(said)} in the image."],

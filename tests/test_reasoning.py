@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
+from data import toyworld
 from experiments import reasoning
-from nanovl3.critic import is_correct
+from nanovl3.critic import MINUS, PLUS, is_correct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,6 +111,36 @@ def test_mc_labels_end_each_conversation_at_its_first_minus(monkeypatch):
                    "There are 4 shapes in the image. / There are 4 shapes in the image.": "-"}
 
 
+def test_count_labels_check_each_stated_count_against_its_picture(monkeypatch, tmp_path):
+    """--prm-count: "+" iff a step states its picture's count (the scene the picture was drawn
+    from), the first image's count first; a conversation ends at its first "-"; the pictures are
+    on disk under the paths the rows give."""
+    built, real = [], toyworld.build
+
+    def build(rng, qtype, target=None):
+        scenes, qa = real(rng, qtype, target)
+        built.append(scenes)
+        return scenes, qa
+    monkeypatch.setattr(toyworld, "build", build)
+    rows = reasoning.count_labels(tmp_path, 60, seed=0)
+    assert len(rows) == len(built) == 60
+    seen = set()
+    for row, scenes in zip(rows, built):
+        turns = row["conversations"][1:]
+        steps = [t["value"].split("### Solution Process:\n")[-1] for t in turns[0::2]]
+        labels = [t["value"] for t in turns[1::2]]
+        truth = [len(sc.objects) for sc in scenes]
+        said = toyworld.stated_counts(steps)
+        assert labels == [PLUS if s == t else MINUS for s, t in zip(said, truth)]
+        assert MINUS not in labels[:-1] and (MINUS in labels or len(said) == len(scenes))
+        assert all(abs(s - t) <= 1 for s, t in zip(said, truth))   # one off: the policy's slip
+        assert turns[0]["value"].startswith(f"### Question:\n{toyworld.image_tags(len(scenes))}")
+        assert all((tmp_path / path).is_file() for path in row["image"])
+        seen.add((len(scenes), "".join(labels)))
+    # both question types, right and wrong first and second counts
+    assert {(1, PLUS), (1, MINUS), (2, PLUS + PLUS), (2, PLUS + MINUS), (2, MINUS)} <= seen
+
+
 def test_best_of_n_table_counts_disjoint_groups():
     items = [{"answer": "1"}]
     samples = [[answer("s", a) for a in (2, 2, 1, 2, 1, 1, 2, 2)]]
@@ -185,6 +216,17 @@ def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
         len(s["step_scores"]) for line in open(tmp_path / "best_of_n.jsonl")
         for s in json.loads(line)["samples"])
     assert "$ " not in more.stdout and "[rollouts] " in more.stdout and "skipped" in more.stdout
+    # --prm-count: the PRM trains again, on the Monte-Carlo labels and the count conversations
+    count = subprocess.run([*cmd, "--n-eval", "5", "--prm-count", "4"], capture_output=True,
+                           text=True, cwd=ROOT, timeout=900)
+    assert count.returncode == 0, count.stdout[-2000:] + count.stderr[-2000:]
+    prm = next(line for line in count.stdout.splitlines() if line.startswith("$ train.py"))
+    assert f"--sft-meta {tmp_path.resolve() / 'prm_count4' / 'meta.json'} " in prm
+    both = json.load(open(tmp_path / "prm_count4" / "meta.json"))
+    assert {k: v["annotation"] for k, v in both.items()} == {"prm": "../prm/prm.jsonl",
+                                                              "prm_count": "prm.jsonl"}
+    assert len(open(tmp_path / "prm_count4" / "prm.jsonl").readlines()) == 4
+    assert json.load(open(tmp_path / "results.json"))["args"]["prm_count"] == 4
     # other training questions would leave the later stages stale: one line, nothing run
     other = subprocess.run([*cmd, "--n-train", "6"], capture_output=True, text=True, cwd=ROOT,
                            timeout=300)
