@@ -84,7 +84,7 @@ SIZES = {
                   v2pe_eval=2, seeds="0,1", jpeg_sft=2, jpeg_train=12, jpeg_eval=6,
                   reasoning=["--n-train", "4", "--n-eval", "3", "--rollouts", "2",
                              "--mpo-steps", "2", "--prm-steps", "2", "--mc", "1",
-                             "--max-new-tokens", "12", "--reference-chosen", "--prm-count", "4"]),
+                             "--max-new-tokens", "12", "--reference-chosen"]),
     "quick": dict(pretrain=120, sft=300, v2pe_sft=150, v2pe_lr=1e-3, v2pe_train=3000,
                   eval_per_type=40, v2pe_eval=10, seeds="0,1", jpeg_sft=100, jpeg_train=2000,
                   jpeg_eval=150,
@@ -94,16 +94,16 @@ SIZES = {
     # δ 1/256, seed 2 random); at 5e-4 seed 1's δ 1/256 arm reached 100% (measured). The PRM
     # (results/prm_canary): labels that check each stated count, 6,000 questions (~15,700
     # conversations) and lr 1e-4; on seed 0 it ranked answers at 0.637 after 3,600 steps, 0.730
-    # after 7,200 and 0.728 after 18,000 (measured), so it trains 7,200; with 8,000 more
-    # conversations whose count steps are labelled against the picture, the steps the Monte-Carlo
-    # labels teach least (results/ablations_mpo). 3,000 held-out questions:
+    # after 7,200 and 0.728 after 18,000 (measured), so it trains 7,200 (8,000 more conversations
+    # of count steps labelled against the picture, --prm-count, lowered it on two seeds of three:
+    # results/ablations_mpo). 3,000 held-out questions:
     # on 300, one accuracy's sampling error (~2.8 points) was as large as MPO − SFT's spread over
     # three seeds (+2.9 ± 2.9, measured); on 3,000 it is ~0.9
     "full": dict(pretrain=250, sft=2300, v2pe_sft=400, v2pe_lr=5e-4, v2pe_train=6000,
                  eval_per_type=100, v2pe_eval=50, seeds="0,1,2", jpeg_sft=600, jpeg_train=6000,
                  jpeg_eval=300,
                  reasoning=["--grade", "counts", "--n-train", "6000", "--n-eval", "3000",
-                            "--prm-lr", "1e-4", "--prm-steps", "7200", "--prm-count", "8000"]),
+                            "--prm-lr", "1e-4", "--prm-steps", "7200"]),
 }
 V2PE_ARMS = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/256": 1 / 256, "random": None}
 # the arms with a fixed δ; the random arm is evaluated at each of these δ

@@ -26,7 +26,7 @@ stage when it finished the same run (one stopped midway continues; --redo starts
                 new "add k" and two-picture questions whose count steps are labelled against
                 the picture (count_labels)
   6. prm        python train.py --stage sft --init-from SFT --sft-meta prm/meta.json (the PRM
-                conversation format)
+                conversation format; with --prm-count N, prm_count{N}/meta.json: both sets)
   7. evaluate   greedy accuracy of SFT and MPO on the held-out questions; Best-of-N at N = 1, 2, 4,
                 8 over the same 8 samples per question (N < 8: the mean over the 8/N disjoint
                 groups), picked by the PRM (mean step score), the outcome score (last step), the
