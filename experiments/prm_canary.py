@@ -145,7 +145,7 @@ def score_items(prm, tok, items: list[dict], out: Path | None = None) -> list[li
     for (question, image), idx in groups.items():
         pix, tiles = None, []
         if image:
-            t = tiles_of(items[idx[0]], out, prm.cfg)
+            t = tiles_of(items[idx[0]], out, prm.cfg, split=None)  # as the PRM reads them
             pix, tiles = torch.cat(t), [x.size(0) for x in t]
         got = prm_step_scores(prm, tok, question, ["\n\n".join(items[i]["steps"]) for i in idx],
                               pix, tiles)

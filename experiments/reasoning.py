@@ -26,7 +26,9 @@ stage when it finished the same run (one stopped midway continues; --redo starts
                 new "add k" and two-picture questions whose count steps are labelled against
                 the picture (count_labels)
   6. prm        python train.py --stage sft --init-from SFT --sft-meta prm/meta.json (the PRM
-                conversation format; with --prm-count N, prm_count{N}/meta.json: both sets)
+                conversation format; with --prm-count N, prm_count{N}/meta.json: both sets;
+                --prm-tiles whole, the same regrouped so that each picture gets the whole tile
+                budget, prm_whole/meta.json, and the PRM scores with it too)
   7. evaluate   greedy accuracy of SFT and MPO on the held-out questions; Best-of-N at N = 1, 2, 4,
                 8 over the same 8 samples per question (N < 8: the mean over the 8/N disjoint
                 groups), picked by the PRM (mean step score), the outcome score (last step), the
@@ -35,6 +37,7 @@ Writes <out>/results.json and prints the tables.
 """
 
 import argparse
+import os
 import random
 import re
 import subprocess
@@ -46,9 +49,12 @@ import torch
 
 from data import toyworld
 from nanovl3.chat import Tokenizer, render_prompt
-from nanovl3.common import UserError, read_jsonl, user_errors, write_json, write_jsonl
+from nanovl3.checkpoint import config_from_json
+from nanovl3.common import (UserError, read_json, read_jsonl, user_errors, write_json,
+                            write_jsonl)
 from nanovl3.critic import (MINUS, PLUS, aggregate, best_of_n, is_correct, majority_vote,
                             prm_conversation, prm_step_scores, split_steps)
+from nanovl3.data import read_meta
 from nanovl3.evaluate import evaluate
 from nanovl3.generate import generate
 from nanovl3.image import load_images
@@ -101,8 +107,10 @@ def make_questions(out: Path, n_train: int, n_eval: int, seed: int):
 # sampling answers (and continuations of partial answers) from a checkpoint
 
 
-def tiles_of(item, out: Path, cfg) -> list[torch.Tensor]:
-    return load_images([out / p for p in item["image"]], cfg, split=True)[0]  # budget as trained
+def tiles_of(item, out: Path, cfg, split: bool | None = True) -> list[torch.Tensor]:
+    """The item's pictures cut for `cfg`: the budget shared among them as the policy was trained
+    (split=True), or as the checkpoint's config says (None: a PRM's own, see whole_budget_meta)."""
+    return load_images([out / p for p in item["image"]], cfg, split=split)[0]
 
 
 def sample(model, tok, out: Path, jobs: list[tuple[dict, str]], n: int, temperature: float,
@@ -280,6 +288,35 @@ def count_labels(out: Path, n: int, seed: int, p_good: float = 0.6) -> list[dict
     return rows
 
 
+def whole_budget_meta(meta_path: Path, out_dir: Path, budget: int):
+    """--prm-tiles whole: meta_path's conversations grouped by picture count k into
+    out_dir/images{k}.jsonl, each group's max_dynamic_patch k * budget, so that train.py, which
+    shares a sample's budget among its pictures (upstream dataset.py), gives each picture the whole
+    budget. Shared, a two-picture question's 224-px pictures are one 112-px tile each: half the
+    resolution at which a one-picture question's count is read (2x2 tiles and a thumbnail)."""
+    groups = {}
+    for spec in read_meta(meta_path):
+        for _, row in read_jsonl(spec.annotation):
+            paths = [row["image"]] if isinstance(row["image"], str) else row["image"]
+            groups.setdefault(len(paths), []).append(
+                {**row, "image": [os.path.relpath(os.path.join(spec.root, p), out_dir.parent)
+                                  for p in paths]})
+    entries = {}
+    for k, rows in sorted(groups.items()):
+        write_jsonl(out_dir / f"images{k}.jsonl", rows)
+        entries[f"images{k}"] = {"root": "..", "annotation": f"images{k}.jsonl",
+                                 "length": len(rows), "max_dynamic_patch": k * budget}
+    write_json(out_dir / "meta.json", entries)
+
+
+def record_whole_budget(ckpt: Path):
+    """The PRM's config.json says each picture gets the whole budget (split_tiles false), so that
+    its scoring here and sample.py --critic cut the pictures as its training did."""
+    config = read_json(ckpt / "config.json", "checkpoint config")
+    if config.get("split_tiles") is not False:
+        write_json(ckpt / "config.json", {**config, "split_tiles": False})
+
+
 # -----------------------------------------------------------------------------
 # 7. evaluation
 
@@ -380,6 +417,10 @@ def main():
     parser.add_argument("--prm-count", type=int, default=0,
                         help="N more PRM conversations whose count steps are labelled against "
                              "the picture (count_labels)")
+    parser.add_argument("--prm-tiles", default="split", choices=["split", "whole"],
+                        help="the PRM's tiles per picture, in training and scoring: the budget "
+                             "shared among a question's pictures, as the policy was trained, or "
+                             "the whole budget for each (whole_budget_meta)")
     parser.add_argument("--prm-steps", type=int, default=900,
                         help="train.py --sft-steps for the PRM")
     # the PRM canary's count step (results/prm_canary): exact labels, 16,000 conversations, 3,600
@@ -490,10 +531,18 @@ def main():
                                   "prm_count": {"root": "..", "annotation": "prm.jsonl",
                                                 "length": len(rows)}})
         stage("prm count data", prm_meta, prm_count_data)
+    if args.prm_tiles == "whole":
+        # the same conversations regrouped by picture count: prm_whole, prm_count{N}_whole
+        source, prm_meta = prm_meta, out / f"{prm_meta.parent.name}_whole" / "meta.json"
+        budget = config_from_json(read_json(Path(args.sft) / "config.json"))[0].max_dynamic_patch
+        stage("prm data, whole budget", prm_meta,
+              lambda: whole_budget_meta(source, prm_meta.parent, budget))
     training("prm", "train.py", out / "prm_ckpt",
              dict(stage="sft", init_from=args.sft, sft_meta=str(prm_meta),
                   sft_steps=args.prm_steps, lr=args.prm_lr, eval_per_type=0, seed=args.seed),
              "sft_steps")
+    if args.prm_tiles == "whole":
+        record_whole_budget(out / "prm_ckpt" / "ckpt")
 
     # ---- 7. evaluation
     t = time.time()
@@ -509,7 +558,7 @@ def main():
     prm, prm_tok = load(str(out / "prm_ckpt" / "ckpt"))
     step_scores = []
     for q, answers in zip(eval_q, samples):
-        tiles = tiles_of(q, out, prm.cfg)
+        tiles = tiles_of(q, out, prm.cfg, split=None)  # as the PRM's config says
         step_scores.append(prm_step_scores(prm, prm_tok, q["question"], answers, torch.cat(tiles),
                                            [x.size(0) for x in tiles]))
     scores = {"prm": [[aggregate(s, "mean") for s in per_q] for per_q in step_scores],

@@ -7,6 +7,7 @@ stage (so it cannot rot).
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import torch
 
 from data import toyworld
 from experiments import reasoning
-from nanovl3.critic import MINUS, PLUS, is_correct
+from nanovl3.critic import MINUS, PLUS, is_correct, prm_conversation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,6 +142,47 @@ def test_count_labels_check_each_stated_count_against_its_picture(monkeypatch, t
     assert {(1, PLUS), (1, MINUS), (2, PLUS + PLUS), (2, PLUS + MINUS), (2, MINUS)} <= seen
 
 
+def test_prm_tiles_whole_gives_each_picture_of_a_question_the_whole_budget(untrained_ckpt,
+                                                                            tmp_path):
+    """--prm-tiles whole: train.py (which shares a sample's budget among its pictures) then cuts
+    every picture of a PRM conversation as the model card's inference does, and the PRM's config
+    says so, which is how its scoring and sample.py --critic cut them."""
+    from nanovl3.chat import Tokenizer
+    from nanovl3.data import DataConfig, build_sample, read_meta
+    from nanovl3.image import load_images
+    from nanovl3.model import InternVL
+    rng, bank = random.Random(0), toyworld.ImageBank("questions/images")
+    rows = []
+    for qtype in ("arith_add", "arith_two", "arith_two"):
+        scenes, qa = toyworld.build(rng, qtype)
+        rows.append({"image": [bank.add(s) for s in scenes], "conversations": prm_conversation(
+            toyworld.image_tags(len(scenes)) + qa["question"], ["There are 2 shapes."], [PLUS])})
+    toyworld.render_all(tmp_path, bank.items)
+    reasoning.write_jsonl(tmp_path / "prm" / "prm.jsonl", rows)
+    reasoning.meta(tmp_path / "prm" / "meta.json", "prm.jsonl", length=len(rows))
+    cfg = InternVL.from_pretrained(str(untrained_ckpt)).cfg
+    reasoning.whole_budget_meta(tmp_path / "prm" / "meta.json", tmp_path / "prm_whole",
+                                cfg.max_dynamic_patch)
+    tok, specs = Tokenizer.from_dir(str(untrained_ckpt)), read_meta(tmp_path / "prm_whole" /
+                                                                    "meta.json")
+    data_cfg = DataConfig(cfg.num_image_token, cfg.vision.image_size, cfg.max_dynamic_patch)
+    seen = []
+    for spec in specs:
+        for lineno, row in reasoning.read_jsonl(spec.annotation):
+            paths = [tmp_path / p for p in row["image"]]
+            whole = [t.size(0) for t in load_images(paths, cfg, split=False)[0]]
+            shared = [t.size(0) for t in load_images(paths, cfg, split=True)[0]]
+            assert build_sample(tok, spec, lineno, row, data_cfg).num_tiles == whole
+            seen.append((len(paths), whole != shared))
+    # every conversation once; a two-picture question's pictures get more tiles than as trained
+    assert sorted(seen) == [(1, False), (2, True), (2, True)]
+    ckpt = tmp_path / "ckpt"
+    InternVL.from_pretrained(str(untrained_ckpt)).save_pretrained(str(ckpt))
+    assert InternVL.from_pretrained(str(ckpt)).cfg.split_tiles   # the toy's: as trained
+    reasoning.record_whole_budget(ckpt)
+    assert not InternVL.from_pretrained(str(ckpt)).cfg.split_tiles
+
+
 def test_best_of_n_table_counts_disjoint_groups():
     items = [{"answer": "1"}]
     samples = [[answer("s", a) for a in (2, 2, 1, 2, 1, 1, 2, 2)]]
@@ -227,6 +269,17 @@ def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
                                                               "prm_count": "prm.jsonl"}
     assert len(open(tmp_path / "prm_count4" / "prm.jsonl").readlines()) == 4
     assert json.load(open(tmp_path / "results.json"))["args"]["prm_count"] == 4
+    # --prm-tiles whole: the PRM trains again on the same conversations, each picture cut with
+    # the whole budget, and its config says so
+    whole = subprocess.run([*cmd, "--n-eval", "5", "--prm-tiles", "whole"], capture_output=True,
+                           text=True, cwd=ROOT, timeout=900)
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-2000:]
+    prm = next(line for line in whole.stdout.splitlines() if line.startswith("$ train.py"))
+    assert f"--sft-meta {tmp_path.resolve() / 'prm_whole' / 'meta.json'} " in prm
+    assert sum(len(open(tmp_path / "prm_whole" / f).readlines()) for f in ("images1.jsonl",
+               "images2.jsonl") if (tmp_path / "prm_whole" / f).exists()) == len(
+        open(tmp_path / "prm" / "prm.jsonl").readlines())
+    assert json.load(open(tmp_path / "prm_ckpt" / "ckpt" / "config.json"))["split_tiles"] is False
     # other training questions would leave the later stages stale: one line, nothing run
     other = subprocess.run([*cmd, "--n-train", "6"], capture_output=True, text=True, cwd=ROOT,
                            timeout=300)
