@@ -19,6 +19,7 @@ experiments/reasoning.py's mc_labels):
   count the toy's count step with its picture: "There are m shapes in the image.", "+" iff the
         picture shows m shapes (count_item): what only the picture decides
 --mistakes N: where the --sft policy's wrong answers go wrong (first_mistakes).
+--tile-check N: what a two-picture question's shared tile budget costs its counts (tile_check).
 --audit RUN: how far a reasoning run's Monte-Carlo labels follow the reference (label_audit), and
 how well its PRM's held-out step scores tell right steps from wrong (score_audit).
 Writes <out>/results.json; the published run: experiments/results/prm_canary/."""
@@ -42,6 +43,7 @@ from nanovl3.common import UserError, read_jsonl, user_errors, write_json, write
 from nanovl3.critic import (MINUS, PLUS, is_correct, prm_conversation, prm_step_scores,
                             split_steps)
 from nanovl3.data import PackedStream, SampleStream, collate_packed, read_meta
+from nanovl3.image import tile_budget
 from nanovl3.losses import lm_loss
 from nanovl3.training import data_config, lr_factor, make_optimizer, param_groups, set_lr
 
@@ -515,6 +517,49 @@ def first_mistakes(args) -> dict:
     return res
 
 
+def tile_check(args) -> dict:
+    """What sharing the tile budget costs a two-picture question's counts (reasoning.py
+    --prm-tiles): --sft's greedy chain of thought on --tile-check new two-picture questions, the
+    pictures cut as trained (the budget shared between them) or each with the whole budget; and
+    each picture alone, asked its count, cut with a two-picture question's share or the whole
+    budget -> tiles per picture, the share of pictures whose count is stated right (and of right
+    final answers)."""
+    out = Path(args.out).resolve() / "tile_check"
+    rng, bank, items = random.Random(f"tile-check/{args.seed}"), toyworld.ImageBank("images"), []
+    for _ in range(args.tile_check):
+        scenes, qa = toyworld.build(rng, "arith_two")
+        items.append({"image": [bank.add(s) for s in scenes], "answer": qa["answer"],
+                      "counts": [len(s.objects) for s in scenes],
+                      "question": toyworld.image_tags(2) + qa["question"]})
+    toyworld.render_all(out, bank.items)
+    alone = [{"image": [p], "answer": str(n),
+              "question": toyworld.image_tags(1) + "How many shapes are there?"}
+             for it in items for p, n in zip(it["image"], it["counts"])]
+    model, tok = load(args.sft)
+    share = tile_budget(model.cfg, 2)   # each picture's budget in a two-picture question
+    res = {}
+    for name, two, one in (("shared", dict(split=True), dict(max_num=share, split=False)),
+                           ("whole", dict(split=False), dict(split=False))):
+        replies = [r for r, in sample(model, tok, out, [(it, "") for it in items], 1, 0.0,
+                                      args.seed, **two)]
+        stated = [toyworld.stated_counts(split_steps(r)) for r in replies]
+        res[f"two pictures, {name}"] = {
+            "tiles": mean(t.size(0) for it in items for t in tiles_of(it, out, model.cfg, **two)),
+            "count": mean(k < len(s) and s[k] == n for s, it in zip(stated, items)
+                          for k, n in enumerate(it["counts"])),
+            "answer": mean(is_correct(r, it["answer"]) for r, it in zip(replies, items))}
+        replies = [r for r, in sample(model, tok, out, [(a, "") for a in alone], 1, 0.0,
+                                      args.seed, 8, **one)]
+        res[f"one picture, {name}"] = {
+            "tiles": mean(tiles_of(a, out, model.cfg, **one)[0].size(0) for a in alone),
+            "count": mean(is_correct(r, a["answer"]) for r, a in zip(replies, alone))}
+    print("[tile check] pictures of two-picture questions, their counts stated right:")
+    for name, c in res.items():
+        print(f"  {name}: {c['tiles']:.2f} tiles per picture, {100 * c['count']:.1f}%"
+              + (f" (answers {100 * c['answer']:.1f}%)" if "answer" in c else ""))
+    return res
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -544,6 +589,9 @@ def main():
                         help="an experiments.reasoning --out directory: how far its Monte-Carlo "
                              "labels follow the reference solution (label_audit), and its PRM's "
                              "held-out step scores (score_audit)")
+    parser.add_argument("--tile-check", type=int, default=0,
+                        help="also ask --sft the counts of this many new two-picture questions' "
+                             "pictures, cut with the shared or the whole tile budget (tile_check)")
     parser.add_argument("--results", default="", help="also write results.json here")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]  # "" runs no canary (only --real)
@@ -556,6 +604,8 @@ def main():
         res["real"] = real(args)
     if args.mistakes:
         res["mistakes"] = first_mistakes(args)
+    if args.tile_check:
+        res["tile_check"] = tile_check(args)
     if args.audit:
         run = Path(args.audit).resolve()
         res["audit"] = label_audit(run)

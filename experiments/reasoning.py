@@ -107,24 +107,26 @@ def make_questions(out: Path, n_train: int, n_eval: int, seed: int):
 # sampling answers (and continuations of partial answers) from a checkpoint
 
 
-def tiles_of(item, out: Path, cfg, split: bool | None = True) -> list[torch.Tensor]:
-    """The item's pictures cut for `cfg`: the budget shared among them as the policy was trained
-    (split=True), or as the checkpoint's config says (None: a PRM's own, see whole_budget_meta)."""
-    return load_images([out / p for p in item["image"]], cfg, split=split)[0]
+def tiles_of(item, out: Path, cfg, split: bool | None = True,
+             max_num: int | None = None) -> list[torch.Tensor]:
+    """The item's pictures cut for `cfg`: the budget (max_num, None: cfg's) shared among them as the
+    policy was trained (split=True), or as the checkpoint's config says (None: a PRM's own, see
+    whole_budget_meta), or each the whole budget (False)."""
+    return load_images([out / p for p in item["image"]], cfg, max_num, split)[0]
 
 
 def sample(model, tok, out: Path, jobs: list[tuple[dict, str]], n: int, temperature: float,
-           seed: int, max_new_tokens: int = 96, batch: int = 16,
-           images: bool = True) -> list[list[str]]:
+           seed: int, max_new_tokens: int = 96, batch: int = 16, images: bool = True,
+           **cut) -> list[list[str]]:
     """jobs [(question item, answer prefix)] -> n answers each (prefix + continuation). Row r of job
     j is sampled with seed + n * j + r, so a job gets the same answers whatever else is in its
-    batch."""
+    batch. The pictures are cut as the policy was trained, or as `cut` asks (tiles_of)."""
     cfg = model.cfg
     results = []
     for i in range(0, len(jobs), batch):
         prompts, tiles, chunk = [], [], jobs[i:i + batch]
         for item, prefix in chunk:
-            t = tiles_of(item, out, cfg) if images else []
+            t = tiles_of(item, out, cfg, **cut) if images else []
             question = item["question"]
             if not images:
                 question = question.replace("<image>\n", "").replace("<image>", "")

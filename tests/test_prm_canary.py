@@ -181,6 +181,25 @@ def test_score_audit_compares_the_kth_steps_of_one_questions_samples_after_right
         prm_canary.score_audit(tmp_path)
 
 
+def test_tile_check_grades_each_pictures_stated_count(untrained_ckpt, tmp_path, monkeypatch):
+    """--tile-check: a chain of thought that states the first picture's count and misses the
+    second's scores half; a picture alone answered right scores all; a two-picture question's
+    shared budget cuts its pictures into fewer tiles than the whole one."""
+    def sample(model, tok, out, jobs, n, temperature, seed, max_new_tokens=96, **cut):
+        return [[f"There are {it['counts'][0]} shapes in the first image.\n\nThere are "
+                 f"{it['counts'][1] + 1} shapes in the second image.\n\nThe answer is 0."]
+                if "counts" in it else [f"{it['answer']}."] for it, _ in jobs]
+    monkeypatch.setattr(prm_canary, "sample", sample)
+    args = type("Args", (), dict(out=str(tmp_path), seed=0, tile_check=6,
+                                 sft=str(untrained_ckpt)))
+    res = prm_canary.tile_check(args)
+    for budget in ("shared", "whole"):
+        assert res[f"two pictures, {budget}"]["count"] == 0.5
+        assert res[f"one picture, {budget}"]["count"] == 1.0
+        assert res[f"two pictures, {budget}"]["tiles"] == res[f"one picture, {budget}"]["tiles"]
+    assert res["two pictures, shared"]["tiles"] < res["two pictures, whole"]["tiles"]
+
+
 @pytest.mark.slow
 def test_the_experiment_runs_end_to_end(untrained_ckpt, tmp_path):
     """python -m experiments.prm_canary at a tiny size: canary and real-label PRMs via train.py."""
@@ -189,7 +208,7 @@ def test_the_experiment_runs_end_to_end(untrained_ckpt, tmp_path):
                     "--steps", "2", "--n-train", "40", "--init", str(untrained_ckpt), "--out",
                     str(out), "--real", str(real), "--sft", str(untrained_ckpt), "--n-real", "3",
                     "--real-steps", "2", "--held-out", "0.5", "--mistakes", "2", "--audit",
-                    str(real)], check=True, cwd=ROOT)
+                    str(real), "--tile-check", "2"], check=True, cwd=ROOT)
     res = json.loads((out / "results.json").read_text())
     assert set(res["canary"]) == {"word", "addk", "count"}
     assert res["canary"]["addk"]["step_auc"]["step 2"]["n"] == 300  # every item has a sum step
@@ -197,6 +216,9 @@ def test_the_experiment_runs_end_to_end(untrained_ckpt, tmp_path):
     assert aucs["text prior"]["same_count_auc"] == 0.5   # the prior is one number per count
     assert set(aucs) == {"text prior", "PRM", "initial model's own count"}
     assert sum(res["mistakes"]["first_departure"].values()) == res["mistakes"]["wrong"]
+    assert {k: 0 <= c["count"] <= 1 for k, c in res["tile_check"].items()} == {
+        f"{n} picture{'s' * (n == 'two')}, {b}": True for n in ("one", "two")
+        for b in ("shared", "whole")}
     assert res["real"]["held_out_conversations"] > 0 and (real / "prm" / "prm.jsonl").is_file()
     audited = sum(c["n"] for kinds in res["audit"]["steps"].values() for c in kinds.values())
     rows = [json.loads(line) for line in (real / "prm" / "prm.jsonl").read_text().splitlines()]
