@@ -66,11 +66,10 @@ from PIL import ImageChops, ImageStat
 
 from data import toyworld
 from experiments import plot
-from experiments.prm_canary import pooled_auc
+from experiments.prm_canary import prm_ranking
 from nanovl3.chat import Tokenizer
 from nanovl3.common import (UserError, atomic_path, read_json, read_jsonl, user_errors,
                             write_json, write_jsonl)
-from nanovl3.critic import aggregate
 from nanovl3.evaluate import evaluate, load_eval_items, text_perplexity
 from nanovl3.image import jpeg_roundtrip
 from nanovl3.model import InternVL
@@ -501,22 +500,8 @@ def ablation_mpo(R: Runner, seed, world: Path, device):
     for critic, curve in res["best_of_n"].items():
         for n, acc in curve.items():
             m[f"{critic}_N{n}"] = acc
-    m["prm_ranking"] = prm_ranking(arm / "best_of_n.jsonl")
+    m["prm_ranking"] = prm_ranking(row for _, row in read_jsonl(arm / "best_of_n.jsonl"))
     return {"reasoning": m}
-
-
-def prm_ranking(path: Path) -> float:
-    """What Best-of-N asks of a PRM: over every pair of a right and a wrong sample of one held-out
-    question, the share in which the right one has the higher mean step score (VisualPRM's rule;
-    ties count half): a within-question ROC AUC, 0.5 for a coin (and where no question has both)."""
-    groups = []
-    for _, q in read_jsonl(path):
-        score = {True: [], False: []}
-        for s in q["samples"]:
-            score[s["correct"]].append(aggregate(s["step_scores"], "mean"))
-        groups.append((score[True], score[False]))
-    ranking = pooled_auc(groups)
-    return 0.5 if ranking is None else ranking
 
 
 # -----------------------------------------------------------------------------

@@ -21,7 +21,9 @@ experiments/reasoning.py's mc_labels):
 --mistakes N: where the --sft policy's wrong answers go wrong (first_mistakes).
 --tile-check N: what a two-picture question's shared tile budget costs its counts (tile_check).
 --audit RUN: how far a reasoning run's Monte-Carlo labels follow the reference (label_audit), and
-how well its PRM's held-out step scores tell right steps from wrong (score_audit).
+how well its PRM's held-out step scores tell right steps from wrong (score_audit), and ranks right
+answers above wrong (ranking_by_type); --audit-prm CKPT: the same of another PRM on the run's
+samples (rescore).
 Writes <out>/results.json; the published run: experiments/results/prm_canary/."""
 
 import argparse
@@ -36,12 +38,13 @@ from statistics import mean
 import torch
 
 from data import toyworld
-from experiments.reasoning import (load, make_questions, mc_labels, meta, one_off, rows_of, run,
-                                   sample, tiles_of)
+from experiments.reasoning import (best_of_n_rows, best_of_n_table, critic_scores, load,
+                                   make_questions, mc_labels, meta, one_off, rows_of, run, sample,
+                                   score_samples, tiles_of)
 from nanovl3.chat import render_prompt
 from nanovl3.common import UserError, read_jsonl, user_errors, write_json, write_jsonl
-from nanovl3.critic import (MINUS, PLUS, is_correct, prm_conversation, prm_step_scores,
-                            split_steps)
+from nanovl3.critic import (MINUS, PLUS, aggregate, is_correct, prm_conversation,
+                            prm_step_scores, split_steps)
 from nanovl3.data import PackedStream, SampleStream, collate_packed, read_meta
 from nanovl3.image import tile_budget
 from nanovl3.losses import lm_loss
@@ -452,21 +455,44 @@ def label_audit(run: Path) -> dict:
     return {"run": str(run), "steps": steps_of, "right_answer_wrong_steps": answers}
 
 
-def score_audit(run: Path) -> dict:
-    """How well a reasoning run's PRM tells right steps from wrong on the held-out questions
-    (<run>/best_of_n.jsonl, in the order of questions/eval.jsonl), where training asked it to: at
-    a step whose earlier steps are right (a PRM conversation ends at its first "-"; scoring puts "+"
-    in the earlier turns). A step is right iff it is the reference's (as in label_audit); a sample
-    counts up to its first wrong step. By question type and kind of step: the AUC of right over
-    wrong among the k-th steps of one question's samples, and the share of those steps that are
-    right (how often the policy makes the step well)."""
-    path, questions = run / "best_of_n.jsonl", rows_of(run / "questions" / "eval.jsonl")
-    groups = {}   # (type, kind) -> {(question, k): ([right scores], [wrong scores])}
+def held_out_rows(run: Path, path: Path) -> list[tuple[dict, dict]]:
+    """(held-out question, its row of `path`, a best_of_n.jsonl in the order of
+    <run>/questions/eval.jsonl) for each row; a row of other questions is the user's mistake."""
+    questions, pairs = rows_of(run / "questions" / "eval.jsonl"), []
     for i, (lineno, row) in enumerate(read_jsonl(path)):
         q = questions[i] if i < len(questions) else None
         if q is None or q["question"] != row["question"] or q["answer"] != row["answer"]:
             raise UserError(f"{path}:{lineno}: not held-out question {i + 1} of "
                             f"{run / 'questions' / 'eval.jsonl'}")
+        pairs.append((q, row))
+    return pairs
+
+
+def prm_ranking(rows) -> float:
+    """What Best-of-N asks of a PRM: over every pair of a right and a wrong sample of one held-out
+    question (rows of best_of_n.jsonl), the share in which the right one has the higher mean step
+    score (VisualPRM's rule; ties count half): a within-question ROC AUC, 0.5 for a coin (and
+    where no question has both)."""
+    groups = []
+    for q in rows:
+        score = {True: [], False: []}
+        for s in q["samples"]:
+            score[s["correct"]].append(aggregate(s["step_scores"], "mean"))
+        groups.append((score[True], score[False]))
+    ranking = pooled_auc(groups)
+    return 0.5 if ranking is None else ranking
+
+
+def score_audit(run: Path, path: Path | None = None) -> dict:
+    """How well a reasoning run's PRM tells right steps from wrong on the held-out questions
+    (`path`, default <run>/best_of_n.jsonl), where training asked it to: at a step whose earlier
+    steps are right (a PRM conversation ends at its first "-"; scoring puts "+" in the earlier
+    turns). A step is right iff it is the reference's (as in label_audit); a sample counts up to
+    its first wrong step. By question type and kind of step: the AUC of right over wrong among the
+    k-th steps of one question's samples, and the share of those steps that are right (how often
+    the policy makes the step well)."""
+    groups = {}   # (type, kind) -> {(question, k): ([right scores], [wrong scores])}
+    for i, (q, row) in enumerate(held_out_rows(run, path or run / "best_of_n.jsonl")):
         ref = split_steps(q["reference"])
         for answer in row["samples"]:
             steps = split_steps(answer["response"])
@@ -489,6 +515,32 @@ def score_audit(run: Path) -> dict:
             f"{kind} {'-' if c['auc'] is None else format(c['auc'], '.2f')} "
             f"({c['right']:.2f} of {c['n']})" for kind, c in kinds.items()))
     return res
+
+
+def ranking_by_type(run: Path, path: Path) -> dict:
+    """prm_ranking of the held-out samples in `path`, over all questions and by question type."""
+    pairs = held_out_rows(run, path)
+    res = {"all": prm_ranking(row for _, row in pairs)}
+    for qtype in sorted({q["type"] for q, _ in pairs}):
+        res[qtype] = prm_ranking(row for q, row in pairs if q["type"] == qtype)
+    print("[audit] the PRM ranks a right sample above a wrong one of its question (prm_ranking): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    return res
+
+
+def rescore(run: Path, ckpt: str, out: Path) -> tuple[Path, dict]:
+    """--audit-prm: the run's held-out samples scored by another PRM, as the run's evaluation
+    scores them (its pictures cut as that PRM's config says) -> out/best_of_n.jsonl, and its
+    Best-of-N table; how one PRM compares with another on the very same samples."""
+    pairs = held_out_rows(run, run / "best_of_n.jsonl")
+    items, samples = [q for q, _ in pairs], [[s["response"] for s in r["samples"]] for _, r in pairs]
+    step_scores = score_samples(*load(ckpt), run, items, samples)
+    write_jsonl(out / "best_of_n.jsonl", best_of_n_rows(items, samples, step_scores))
+    table = best_of_n_table(samples, critic_scores(step_scores), items)
+    print(f"[audit] Best-of-N with {ckpt}, accuracy % at N = 1 / 2 / 4 / 8:")
+    for name, row in table.items():
+        print(f"  {name:9s} " + " / ".join(f"{100 * acc:.1f}" for acc in row.values()))
+    return out / "best_of_n.jsonl", table
 
 
 def first_mistakes(args) -> dict:
@@ -589,12 +641,17 @@ def main():
                         help="an experiments.reasoning --out directory: how far its Monte-Carlo "
                              "labels follow the reference solution (label_audit), and its PRM's "
                              "held-out step scores (score_audit)")
+    parser.add_argument("--audit-prm", default="",
+                        help="a PRM checkpoint: score --audit's held-out samples with it instead "
+                             "of the run's own PRM (rescore; written to <out>/rescored)")
     parser.add_argument("--tile-check", type=int, default=0,
                         help="also ask --sft the counts of this many new two-picture questions' "
                              "pictures, cut with the shared or the whole tile budget (tile_check)")
     parser.add_argument("--results", default="", help="also write results.json here")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]  # "" runs no canary (only --real)
+    if args.audit_prm and not args.audit:
+        raise UserError("--audit-prm: needs --audit RUN, whose held-out samples it scores")
     if bad := set(tasks) - set(TASKS):
         raise UserError(f"--tasks: unknown {sorted(bad)} (use a comma list of {', '.join(TASKS)})")
     torch.set_num_threads(THREADS)
@@ -609,8 +666,14 @@ def main():
     if args.audit:
         run = Path(args.audit).resolve()
         res["audit"] = label_audit(run)
-        if (run / "best_of_n.jsonl").is_file():   # the run got as far as scoring
-            res["audit"]["held_out_scores"] = score_audit(run)
+        scored = run / "best_of_n.jsonl"
+        if args.audit_prm:
+            scored, res["audit"]["best_of_n"] = rescore(
+                run, args.audit_prm, Path(args.out).resolve() / "rescored")
+            res["audit"]["prm"] = args.audit_prm
+        if scored.is_file():   # the run got as far as scoring
+            res["audit"]["held_out_scores"] = score_audit(run, scored)
+            res["audit"]["ranking"] = ranking_by_type(run, scored)
     for path in [Path(args.out) / "results.json"] + ([Path(args.results)] if args.results else []):
         write_json(path.resolve(), res)
 

@@ -334,6 +334,31 @@ def greedy_accuracy(ckpt: str, out: Path, items: list[dict], max_new_tokens: int
             "types": res["types"], "examples": [e["response"] for e in res["examples"][:3]]}
 
 
+def score_samples(prm, tok, out: Path, items: list[dict],
+                  samples: list[list[str]]) -> list[list[list[float]]]:
+    """The PRM's step scores of each item's samples, the pictures cut as its config says."""
+    step_scores = []
+    for q, answers in zip(items, samples):
+        tiles = tiles_of(q, out, prm.cfg, split=None)
+        step_scores.append(prm_step_scores(prm, tok, q["question"], answers, torch.cat(tiles),
+                                           [x.size(0) for x in tiles]))
+    return step_scores
+
+
+def critic_scores(step_scores: list[list[list[float]]]) -> dict:
+    """A score per sample for each PRM critic: VisualPRM's mean over the steps, the last step's."""
+    return {"prm": [[aggregate(s, "mean") for s in per_q] for per_q in step_scores],
+            "outcome": [[aggregate(s, "last") for s in per_q] for per_q in step_scores]}
+
+
+def best_of_n_rows(items: list[dict], samples: list[list[str]], step_scores) -> list[dict]:
+    """best_of_n.jsonl: every sample of each held-out question with its grade and step scores."""
+    return [{"question": q["question"], "answer": q["answer"], "samples": [
+        {"response": a, "correct": is_correct(a, q["answer"]),
+         "step_scores": [round(x, 4) for x in s]} for a, s in zip(answers, per_q)]}
+        for q, answers, per_q in zip(items, samples, step_scores)]
+
+
 def best_of_n_table(samples: list[list[str]], scores: dict, items: list[dict]) -> dict:
     """Accuracy of each critic at each N; N < 8 averages the 8/N disjoint groups of N samples.
     "vote" weights the majority vote of a group by the "prm" scores of its samples."""
@@ -557,23 +582,11 @@ def main():
                      args.seed + 10 ** 6, args.max_new_tokens)
     timings["best-of-n samples"] = round(time.time() - t, 1)
     t = time.time()
-    prm, prm_tok = load(str(out / "prm_ckpt" / "ckpt"))
-    step_scores = []
-    for q, answers in zip(eval_q, samples):
-        tiles = tiles_of(q, out, prm.cfg, split=None)  # as the PRM's config says
-        step_scores.append(prm_step_scores(prm, prm_tok, q["question"], answers, torch.cat(tiles),
-                                           [x.size(0) for x in tiles]))
-    scores = {"prm": [[aggregate(s, "mean") for s in per_q] for per_q in step_scores],
-              "outcome": [[aggregate(s, "last") for s in per_q] for per_q in step_scores]}
+    step_scores = score_samples(*load(str(out / "prm_ckpt" / "ckpt")), out, eval_q, samples)
     timings["prm scoring"] = round(time.time() - t, 1)
-    table = best_of_n_table(samples, scores, eval_q)
+    table = best_of_n_table(samples, critic_scores(step_scores), eval_q)
     # every sample with its grade and step scores, for a closer look
-    write_jsonl(out / "best_of_n.jsonl", [
-        {"question": q["question"], "answer": q["answer"], "samples": [
-            {"response": a, "correct": is_correct(a, q["answer"]),
-             "step_scores": [round(x, 4) for x in s]}
-            for a, s in zip(answers, per_q)]}
-        for q, answers, per_q in zip(eval_q, samples, step_scores)])
+    write_jsonl(out / "best_of_n.jsonl", best_of_n_rows(eval_q, samples, step_scores))
 
     command = " ".join(["python -m experiments.reasoning", *sys.argv[1:]])
     results = {"command": command, "questions": {"train": len(train_q), "eval": len(eval_q)},

@@ -255,22 +255,6 @@ def test_report_redraws_the_table_and_names_a_key_older_results_lack(tmp_path):
     assert not (tmp_path / "results.md").exists()
 
 
-def test_prm_ranking_compares_right_and_wrong_samples_of_one_question(tmp_path):
-    """The MPO learn check: the share of (right, wrong) sample pairs of the same question in which
-    the right sample has the higher mean step score; pairs across questions do not count."""
-    def sample(correct, *steps):
-        return {"response": "", "correct": correct, "step_scores": list(steps)}
-    rows = [{"samples": [sample(True, 0.9, 0.7), sample(False, 0.2), sample(False, 0.9)]},
-            {"samples": [sample(True, 0.1), sample(True, 0.3), sample(False, 0.3)]},
-            {"samples": [sample(True, 0.0)]}]   # no wrong sample: no pair
-    path = tmp_path / "best_of_n.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # question 1: 0.8 beats 0.2, loses to 0.9; question 2: 0.1 loses, 0.3 ties -> 1.5 of 4
-    assert A.prm_ranking(path) == 1.5 / 4
-    path.write_text(json.dumps(rows[2]) + "\n")
-    assert A.prm_ranking(path) == 0.5
-
-
 def test_needle_data_has_one_shape_per_question(tmp_path):
     """The V2PE task: every question holds exactly one close-up among empty tiles, its answer is
     that close-up's colour, training lengths stay in NEEDLE_TRAIN, evaluation has n_eval questions

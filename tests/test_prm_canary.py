@@ -181,6 +181,27 @@ def test_score_audit_compares_the_kth_steps_of_one_questions_samples_after_right
         prm_canary.score_audit(tmp_path)
 
 
+def test_prm_ranking_compares_right_and_wrong_samples_of_one_question(tmp_path):
+    """The MPO learn check: the share of (right, wrong) sample pairs of the same question in which
+    the right sample has the higher mean step score; pairs across questions do not count. By
+    question type (ranking_by_type), each type's questions alone."""
+    def sample(correct, *steps):
+        return {"response": "", "correct": correct, "step_scores": list(steps)}
+    rows = [{"samples": [sample(True, 0.9, 0.7), sample(False, 0.2), sample(False, 0.9)]},
+            {"samples": [sample(True, 0.1), sample(True, 0.3), sample(False, 0.3)]},
+            {"samples": [sample(True, 0.0)]}]   # no wrong sample: no pair
+    # question 1: 0.8 beats 0.2, loses to 0.9; question 2: 0.1 loses, 0.3 ties -> 1.5 of 4
+    assert prm_canary.prm_ranking(rows) == 1.5 / 4
+    assert prm_canary.prm_ranking(rows[2:]) == 0.5
+    questions = [{"question": f"q{i}", "answer": "1", "type": t}
+                 for i, t in enumerate(["a", "b", "a"])]
+    write_jsonl(tmp_path / "questions" / "eval.jsonl", questions)
+    write_jsonl(tmp_path / "best_of_n.jsonl", [{"question": q["question"], "answer": "1", **r}
+                                               for q, r in zip(questions, rows)])
+    assert prm_canary.ranking_by_type(tmp_path, tmp_path / "best_of_n.jsonl") == {
+        "all": 1.5 / 4, "a": 1 / 2, "b": 0.5 / 2}
+
+
 def test_tile_check_grades_each_pictures_stated_count(untrained_ckpt, tmp_path, monkeypatch):
     """--tile-check: a chain of thought that states the first picture's count and misses the
     second's scores half; a picture alone answered right scores all; a two-picture question's

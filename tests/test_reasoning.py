@@ -257,6 +257,16 @@ def test_every_stage_runs_and_writes_the_tables(untrained_ckpt, tmp_path):
     assert sum(c["n"] for kinds in scores.values() for c in kinds.values()) == sum(
         len(s["step_scores"]) for line in open(tmp_path / "best_of_n.jsonl")
         for s in json.loads(line)["samples"])
+    # --audit-prm with the run's own PRM scores its samples again exactly as the evaluation did
+    subprocess.run([sys.executable, "-m", "experiments.prm_canary", "--tasks", "", "--audit",
+                    str(tmp_path), "--audit-prm", str(tmp_path / "prm_ckpt" / "ckpt"), "--out",
+                    str(tmp_path / "audit_prm")], check=True, cwd=ROOT, capture_output=True,
+                   timeout=300)
+    assert ((tmp_path / "audit_prm" / "rescored" / "best_of_n.jsonl").read_text()
+            == (tmp_path / "best_of_n.jsonl").read_text())
+    audit = json.load(open(tmp_path / "audit_prm" / "results.json"))["audit"]
+    assert audit["held_out_scores"] == scores and audit["best_of_n"] == json.load(
+        open(tmp_path / "results.json"))["best_of_n"]
     assert "$ " not in more.stdout and "[rollouts] " in more.stdout and "skipped" in more.stdout
     # --prm-count: the PRM trains again, on the Monte-Carlo labels and the count conversations
     count = subprocess.run([*cmd, "--n-eval", "5", "--prm-count", "4"], capture_output=True,
