@@ -456,8 +456,8 @@ def label_audit(run: Path) -> dict:
 
 
 def held_out_rows(run: Path, path: Path) -> list[tuple[dict, dict]]:
-    """(held-out question, its row of `path`, a best_of_n.jsonl in the order of
-    <run>/questions/eval.jsonl) for each row; a row of other questions is the user's mistake."""
+    """[(held-out question, row)] for the rows of `path`, a best_of_n.jsonl in the order of
+    <run>/questions/eval.jsonl; a row of other questions is the user's mistake."""
     questions, pairs = rows_of(run / "questions" / "eval.jsonl"), []
     for i, (lineno, row) in enumerate(read_jsonl(path)):
         q = questions[i] if i < len(questions) else None
