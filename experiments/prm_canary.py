@@ -483,16 +483,16 @@ def prm_ranking(rows) -> float:
     return 0.5 if ranking is None else ranking
 
 
-def score_audit(run: Path, path: Path | None = None) -> dict:
+def score_audit(pairs: list[tuple[dict, dict]]) -> dict:
     """How well a reasoning run's PRM tells right steps from wrong on the held-out questions
-    (`path`, default <run>/best_of_n.jsonl), where training asked it to: at a step whose earlier
-    steps are right (a PRM conversation ends at its first "-"; scoring puts "+" in the earlier
-    turns). A step is right iff it is the reference's (as in label_audit); a sample counts up to
-    its first wrong step. By question type and kind of step: the AUC of right over wrong among the
-    k-th steps of one question's samples, and the share of those steps that are right (how often
-    the policy makes the step well)."""
+    (held_out_rows' pairs of question and best_of_n.jsonl row), where training asked it to: at a
+    step whose earlier steps are right (a PRM conversation ends at its first "-"; scoring puts "+"
+    in the earlier turns). A step is right iff it is the reference's (as in label_audit); a sample
+    counts up to its first wrong step. By question type and kind of step: the AUC of right over
+    wrong among the k-th steps of one question's samples, and the share of those steps that are
+    right (how often the policy makes the step well)."""
     groups = {}   # (type, kind) -> {(question, k): ([right scores], [wrong scores])}
-    for i, (q, row) in enumerate(held_out_rows(run, path or run / "best_of_n.jsonl")):
+    for i, (q, row) in enumerate(pairs):
         ref = split_steps(q["reference"])
         for answer in row["samples"]:
             steps = split_steps(answer["response"])
@@ -517,9 +517,8 @@ def score_audit(run: Path, path: Path | None = None) -> dict:
     return res
 
 
-def ranking_by_type(run: Path, path: Path) -> dict:
-    """prm_ranking of the held-out samples in `path`, over all questions and by question type."""
-    pairs = held_out_rows(run, path)
+def ranking_by_type(pairs: list[tuple[dict, dict]]) -> dict:
+    """prm_ranking of held_out_rows' samples, over all questions and by question type."""
     res = {"all": prm_ranking(row for _, row in pairs)}
     for qtype in sorted({q["type"] for q, _ in pairs}):
         res[qtype] = prm_ranking(row for q, row in pairs if q["type"] == qtype)
@@ -528,19 +527,22 @@ def ranking_by_type(run: Path, path: Path) -> dict:
     return res
 
 
-def rescore(run: Path, ckpt: str, out: Path) -> tuple[Path, dict]:
+def rescore(run: Path, ckpt: str, out: Path) -> tuple[list[tuple[dict, dict]], dict]:
     """--audit-prm: the run's held-out samples scored by another PRM, as the run's evaluation
-    scores them (its pictures cut as that PRM's config says) -> out/best_of_n.jsonl, and its
-    Best-of-N table; how one PRM compares with another on the very same samples."""
+    scores them (its pictures cut as that PRM's config says), written to out/best_of_n.jsonl ->
+    (held_out_rows' pairs of the new rows, the Best-of-N table); how one PRM compares with another
+    on the very same samples."""
     pairs = held_out_rows(run, run / "best_of_n.jsonl")
-    items, samples = [q for q, _ in pairs], [[s["response"] for s in r["samples"]] for _, r in pairs]
+    items = [q for q, _ in pairs]
+    samples = [[s["response"] for s in r["samples"]] for _, r in pairs]
     step_scores = score_samples(*load(ckpt), run, items, samples)
-    write_jsonl(out / "best_of_n.jsonl", best_of_n_rows(items, samples, step_scores))
+    rows = best_of_n_rows(items, samples, step_scores)
+    write_jsonl(out / "best_of_n.jsonl", rows)
     table = best_of_n_table(samples, critic_scores(step_scores), items)
     print(f"[audit] Best-of-N with {ckpt}, accuracy % at N = 1 / 2 / 4 / 8:")
     for name, row in table.items():
         print(f"  {name:9s} " + " / ".join(f"{100 * acc:.1f}" for acc in row.values()))
-    return out / "best_of_n.jsonl", table
+    return list(zip(items, rows)), table
 
 
 def first_mistakes(args) -> dict:
@@ -666,14 +668,16 @@ def main():
     if args.audit:
         run = Path(args.audit).resolve()
         res["audit"] = label_audit(run)
-        scored = run / "best_of_n.jsonl"
+        pairs = None
         if args.audit_prm:
-            scored, res["audit"]["best_of_n"] = rescore(
+            pairs, res["audit"]["best_of_n"] = rescore(
                 run, args.audit_prm, Path(args.out).resolve() / "rescored")
             res["audit"]["prm"] = args.audit_prm
-        if scored.is_file():   # the run got as far as scoring
-            res["audit"]["held_out_scores"] = score_audit(run, scored)
-            res["audit"]["ranking"] = ranking_by_type(run, scored)
+        elif (run / "best_of_n.jsonl").is_file():   # the run got as far as scoring
+            pairs = held_out_rows(run, run / "best_of_n.jsonl")
+        if pairs is not None:
+            res["audit"]["held_out_scores"] = score_audit(pairs)
+            res["audit"]["ranking"] = ranking_by_type(pairs)
     for path in [Path(args.out) / "results.json"] + ([Path(args.results)] if args.results else []):
         write_json(path.resolve(), res)
 

@@ -170,7 +170,8 @@ def test_score_audit_compares_the_kth_steps_of_one_questions_samples_after_right
     write_jsonl(tmp_path / "best_of_n.jsonl", [{"question": two, "answer": "3", "samples": [
         {"response": "\n\n".join(steps), "correct": False, "step_scores": scores}
         for steps, scores in samples]}])
-    res = prm_canary.score_audit(tmp_path)["arith_two"]
+    rows = prm_canary.held_out_rows(tmp_path, tmp_path / "best_of_n.jsonl")
+    res = prm_canary.score_audit(rows)["arith_two"]
     # first counts 0.2, 0.3 (right) > 0.1; second counts 0.5 > 0.4; the first_wrong sample's
     # second count (0.9) comes after a wrong step. Pooled over both positions: 4 of 6 pairs
     assert res["count (picture)"] == {"auc": 1.0, "n": 5, "right": 0.6}
@@ -178,7 +179,7 @@ def test_score_audit_compares_the_kth_steps_of_one_questions_samples_after_right
     q["answer"] = "4"   # best_of_n.jsonl from another run's questions
     write_jsonl(tmp_path / "questions" / "eval.jsonl", [q])
     with pytest.raises(UserError, match="best_of_n.jsonl:1: not held-out question 1"):
-        prm_canary.score_audit(tmp_path)
+        prm_canary.held_out_rows(tmp_path, tmp_path / "best_of_n.jsonl")
 
 
 def test_prm_ranking_compares_right_and_wrong_samples_of_one_question(tmp_path):
@@ -198,7 +199,8 @@ def test_prm_ranking_compares_right_and_wrong_samples_of_one_question(tmp_path):
     write_jsonl(tmp_path / "questions" / "eval.jsonl", questions)
     write_jsonl(tmp_path / "best_of_n.jsonl", [{"question": q["question"], "answer": "1", **r}
                                                for q, r in zip(questions, rows)])
-    assert prm_canary.ranking_by_type(tmp_path, tmp_path / "best_of_n.jsonl") == {
+    rows = prm_canary.held_out_rows(tmp_path, tmp_path / "best_of_n.jsonl")
+    assert prm_canary.ranking_by_type(rows) == {
         "all": 1.5 / 4, "a": 1 / 2, "b": 0.5 / 2}
 
 
